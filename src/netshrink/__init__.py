@@ -1,0 +1,1 @@
+"""netshrink: prune and quantize trained PyTorch models, and prove the gains."""
