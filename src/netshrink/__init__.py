@@ -10,7 +10,13 @@ The public API is small and imported lazily, so `import netshrink` stays cheap:
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+# torchao (imported by transformers when installed) logs that its CUDA-only kernels don't load on a CPU machine,
+# and torch's pytree logs a deprecation for torchao's enums: neither concerns users, so keep them out of the output.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -149,8 +149,8 @@ def _fmt_quality(kind: str, quality: dict[str, float]) -> str:
     return ""
 
 
-COLUMNS = ["model", "variant", "quality", "latency b1 (ms)", "speedup b1", "throughput", "speedup",
-           "weights (MiB)", "on disk (MiB)", "peak mem growth (MiB)", "energy / inference (b1)"]
+COLUMNS = ["model", "variant", "quality", "b1 latency ms", "b1 speedup", "throughput", "speedup",
+           "weights MiB", "disk MiB", "peak mem +MiB", "energy/inference"]
 
 
 def result_rows(kind: str, results: list[VariantResult]) -> list[list[Any]]:
@@ -175,7 +175,7 @@ def run_demo(models: list[str] | None = None, out_dir: str | Path | None = None,
     out = Path(out_dir) if out_dir else Path("reports") / time.strftime("demo-%Y%m%d-%H%M%S")
     if out.exists():
         raise NetshrinkError("output folder already exists; choose another --out or remove it", where=str(out))
-    console = Console()
+    console = Console(width=max(150, Console().width))
     hw = detect()
     all_results: dict[str, list[VariantResult]] = {}
     kinds: dict[str, str] = {}
