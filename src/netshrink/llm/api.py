@@ -1,0 +1,56 @@
+"""`compress_llm`: the one entry point for GPTQ, AWQ, SmoothQuant, SparseGPT, Wanda, magnitude and RTN on a
+decoder LLM held in memory (for checkpoints larger than memory see `netshrink.llm.stream.compress_checkpoint`)."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from netshrink.errors import NetshrinkError
+from netshrink.llm.arch import arch_of
+from netshrink.llm.calibration import calibration_ids
+from netshrink.llm.pipeline import NEEDS_CALIBRATION, method_of, pack_block, run_blocks
+from netshrink.llm.runner import BlockRunner
+from netshrink.record import note
+
+
+@torch.no_grad()
+def compress_llm(model: nn.Module, config: Any, calibration: Any = None, *, tokenizer: Any = None,
+                 n_samples: int = 32, seq_len: int = 512, batch_size: int = 8, pack: bool = False,
+                 inplace: bool = False, seed: int = 0, progress: Callable[[int, int], None] | None = None
+                 ) -> nn.Module:
+    """Compress a Llama-family causal LM block by block with `config` (RTN, GPTQ, AWQ, SmoothQuant, SparseGPT,
+    Wanda, Magnitude); `calibration` is token ids [n, T], a text or a list of texts (with `tokenizer`).
+
+    Quantized Linears keep float weights equal to their dequantized grid unless `pack=True`, which swaps them for
+    PackedLinear (INT4/INT3 on torch's int4 kernel, INT8 on the int8 kernel). Returns the model (a copy unless
+    `inplace`), with every change recorded in its layer record.
+    """
+    method_of(config)
+    arch = arch_of(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    layers = model.get_submodule(arch.layers)
+    hidden = runner = None
+    if calibration is not None or isinstance(config, NEEDS_CALIBRATION):
+        if calibration is None:
+            raise NetshrinkError(f"{type(config).__name__} needs calibration data", where="compress_llm",
+                                 hint="pass calibration= text (with tokenizer=) or token ids")
+        ids = calibration_ids(calibration, tokenizer, n_samples, seq_len, seed)
+        hidden = model.get_submodule(arch.embed)(ids).float()
+        runner = BlockRunner(model.get_submodule("model.rotary_emb"), ids.shape[1], hidden.shape[-1], batch_size)
+    records = run_blocks(layers, hidden, runner, config, arch.layers, pack, progress)
+    for name, fields in records.items():
+        note(model, name, **fields)
+    return model
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """Swap the quantized Linears of a `compress_llm(..., pack=False)` result for PackedLinear, in place."""
+    arch = arch_of(model)
+    for block in model.get_submodule(arch.layers):
+        pack_block(block)
+    return model

@@ -1,0 +1,211 @@
+"""The block-by-block pipeline on a tiny random Llama: every method, streaming from shards, resume, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from netshrink.errors import NetshrinkError
+from netshrink.llm import (AWQ, GPTQ, RTN, Magnitude, PackedLinear, SmoothQuant, SparseGPT, W8A8Linear, Wanda,
+                           compress_checkpoint, compress_llm, load_compressed, pack_model,
+                           write_synthetic_checkpoint)
+from netshrink.llm.arch import LINEARS
+
+METHODS = [RTN(4, 32), RTN(4, None), GPTQ(4, 32), GPTQ(3, None, act_order=False), AWQ(4, 32), SmoothQuant(0.5),
+           SparseGPT(0.5), SparseGPT(pattern="2:4", bits=4, group_size=32), Wanda(0.5), Wanda(pattern="2:4"),
+           Magnitude(0.5)]
+
+
+@pytest.mark.parametrize("config", METHODS, ids=lambda c: f"{type(c).__name__}")
+def test_every_method_runs_and_records(tiny_llama, calib_ids, config):
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    model = compress_llm(tiny_llama, config, calib_ids)
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items())  # user's model untouched
+    logits = model(calib_ids).logits
+    ref = tiny_llama(calib_ids).logits
+    assert torch.isfinite(logits).all()
+    rel = float((logits - ref).pow(2).mean() / ref.pow(2).mean())
+    assert 0 < rel < 0.5
+    record = model._netshrink_record
+    assert set(record) == {f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS}
+    assert all(r["method"] == config.method for r in record.values())
+    if getattr(config, "pattern", None) == "2:4":
+        w = model.model.layers[1].mlp.down_proj.weight
+        assert torch.all((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) <= 2)
+
+
+def test_pack_model_matches_fake_quant(tiny_llama, calib_ids):
+    fake = compress_llm(tiny_llama, GPTQ(4, 32), calib_ids)
+    packed = pack_model(compress_llm(tiny_llama, GPTQ(4, 32), calib_ids))
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, PackedLinear)
+    a, b = fake(calib_ids).logits, packed(calib_ids).logits
+    assert float((a - b).abs().max() / a.abs().max()) < 0.05  # BF16 activations inside the kernel
+
+
+def test_gptq_pipeline_beats_rtn_on_the_model(tiny_llama, calib_ids):
+    ref = tiny_llama(calib_ids).logits
+    err = {}
+    for name, config in (("rtn", RTN(3, 32)), ("gptq", GPTQ(3, 32))):
+        err[name] = float((compress_llm(tiny_llama, config, calib_ids)(calib_ids).logits - ref).pow(2).mean())
+    assert err["gptq"] < err["rtn"]
+
+
+def test_calibration_text_shorter_than_seq_len(tiny_llama, byte_tokenizer):
+    with pytest.raises(NetshrinkError, match="fewer than seq_len"):
+        compress_llm(tiny_llama, GPTQ(), "too short", tokenizer=byte_tokenizer, seq_len=64)
+    model = compress_llm(tiny_llama, Wanda(), "long enough calibration text " * 20, tokenizer=byte_tokenizer,
+                         seq_len=64, n_samples=4)
+    assert model._netshrink_record
+
+
+def test_calibration_required(tiny_llama):
+    with pytest.raises(NetshrinkError, match="needs calibration"):
+        compress_llm(tiny_llama, GPTQ())
+
+
+def test_nan_hidden_states_name_the_block(tiny_llama, calib_ids):
+    import copy
+    broken = copy.deepcopy(tiny_llama)
+    broken.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(NetshrinkError, match=r"model\.layers\.1"):
+        compress_llm(broken, Wanda(), calib_ids, inplace=True)
+
+
+def test_layer_no_token_reaches(tiny_llama, calib_ids):
+    import copy
+    model = copy.deepcopy(tiny_llama)
+    mlp = model.model.layers[0].mlp
+    mlp.forward = lambda x: mlp.up_proj(x) [..., : x.shape[-1]] * 0  # down_proj never runs
+    with pytest.raises(NetshrinkError, match=r"model\.layers\.0\.mlp\.(gate|down)_proj"):
+        compress_llm(model, GPTQ(4, 32), calib_ids, inplace=True)
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(NetshrinkError, match="supported: llama, mistral, qwen2, qwen3"):
+        compress_llm(model, RTN())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt") / "src"
+    from transformers import LlamaConfig  # noqa: F401  (same tiny shape as the in-memory fixture, 3 blocks)
+    tiny = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    return write_synthetic_checkpoint(folder, tiny)
+
+
+def test_stream_matches_in_memory_and_loads(checkpoint, calib_ids, tmp_path):
+    out = compress_checkpoint(checkpoint, tmp_path / "out", GPTQ(4, 32), calib_ids)
+    files = sorted(os.listdir(out))
+    assert "netshrink.json" in files and "state.json" not in files and not any("hidden" in f for f in files)
+    manifest = json.loads((out / "netshrink.json").read_text())
+    assert manifest["layers"]["model.layers.2.mlp.down_proj"]["bits"] == 4
+    block = load_file(out / "block-00001.safetensors")
+    assert block["model.layers.1.self_attn.q_proj.qweight"].dtype == torch.uint8
+    assert block["model.layers.1.self_attn.q_proj.qweight"].shape == (64, 32)
+    assert block["model.layers.1.self_attn.q_proj.scales"].shape == (64, 2)
+    model = load_compressed(out)
+    assert isinstance(model.model.layers[2].mlp.down_proj, PackedLinear)
+    # the same pipeline in memory on the same weights gives the same codes
+    from netshrink.llm.stream import load_block, read_config  # noqa: F401
+    from transformers import LlamaForCausalLM
+    src_model = LlamaForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
+    mem = compress_llm(src_model, GPTQ(4, 32), calib_ids, pack=True)
+    a = mem.model.layers[2].mlp.down_proj.qweight
+    b = model.model.layers[2].mlp.down_proj.qweight
+    assert (a == b).float().mean() > 0.99
+    logits = model(calib_ids).logits
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, mem(calib_ids).logits, atol=0.05, rtol=0.05)
+
+
+def test_resume_after_crash_gives_identical_output(checkpoint, calib_ids, tmp_path):
+    reference = compress_checkpoint(checkpoint, tmp_path / "ref", SparseGPT(0.5, bits=4, group_size=32), calib_ids)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(done, total):
+        if done == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        compress_checkpoint(checkpoint, tmp_path / "out", SparseGPT(0.5, bits=4, group_size=32), calib_ids,
+                            on_block_done=crash_after_two)
+    assert not (tmp_path / "out").exists()  # nothing that looks complete
+    state = json.loads((tmp_path / ".out.partial" / "state.json").read_text())
+    assert state["next_block"] == 2
+    with pytest.raises(NetshrinkError, match="different settings"):
+        compress_checkpoint(checkpoint, tmp_path / "out", GPTQ(4, 32), calib_ids)
+    done = []
+    out = compress_checkpoint(checkpoint, tmp_path / "out", SparseGPT(0.5, bits=4, group_size=32), calib_ids,
+                              on_block_done=lambda d, t: done.append(d))
+    assert done == [3]  # only the last block was redone
+    for f in os.listdir(reference):
+        if f.endswith(".safetensors"):
+            a, b = load_file(reference / f), load_file(out / f)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_resume_after_sigkill(checkpoint, calib_ids, tmp_path):
+    ids_path = tmp_path / "ids.pt"
+    torch.save(calib_ids, ids_path)
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from netshrink.llm import compress_checkpoint, Wanda
+        def kill(done, total):
+            if done == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+        compress_checkpoint({str(checkpoint)!r}, {str(tmp_path / 'out')!r}, Wanda(0.5),
+                            torch.load({str(ids_path)!r}), on_block_done=kill)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "out").exists()
+    done = []
+    out = compress_checkpoint(checkpoint, tmp_path / "out", Wanda(0.5), calib_ids,
+                              on_block_done=lambda d, t: done.append(d))
+    assert done == [2, 3]
+    model = load_compressed(out)
+    w = model.model.layers[0].self_attn.q_proj.weight
+    assert abs(float((w == 0).float().mean()) - 0.5) < 0.01
+
+
+def test_missing_shard_and_wrong_names(checkpoint, calib_ids, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    (broken / "model-00001.safetensors").unlink()
+    with pytest.raises(NetshrinkError, match="missing: model-00001.safetensors"):
+        compress_checkpoint(broken, tmp_path / "o1", RTN())
+    renamed = tmp_path / "renamed"
+    shutil.copytree(checkpoint, renamed)
+    index = json.loads((renamed / "model.safetensors.index.json").read_text())
+    wm = index["weight_map"]
+    wm["model.layers.0.attn.q.weight"] = wm.pop("model.layers.0.self_attn.q_proj.weight")
+    (renamed / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(NetshrinkError, match="do not match the llama architecture"):
+        compress_checkpoint(renamed, tmp_path / "o2", RTN())
+    gpt = tmp_path / "gpt"
+    shutil.copytree(checkpoint, gpt)
+    cfg = json.loads((gpt / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (gpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(NetshrinkError, match="unsupported architecture 'gpt2'"):
+        compress_checkpoint(gpt, tmp_path / "o3", RTN())
+
+
+def test_smoothquant_stream_writes_int8(checkpoint, calib_ids, tmp_path):
+    out = compress_checkpoint(checkpoint, tmp_path / "sq", SmoothQuant(0.5), calib_ids)
+    model = load_compressed(out)
+    assert isinstance(model.model.layers[0].mlp.up_proj, W8A8Linear)
+    assert torch.isfinite(model(calib_ids).logits).all()
