@@ -46,6 +46,13 @@ def tiny_config() -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+def _no_grad_one_thread():
+    """No autograd, and one intra-op thread: these tensors are tiny, and on a busy machine two OpenMP threads
+    spin-waiting for each other made every small op 10-30x slower. The previous thread count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.set_num_threads(threads)

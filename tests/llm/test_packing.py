@@ -79,3 +79,27 @@ def test_state_dict_round_trip_rebuilds_kernel():
     torch.testing.assert_close(b(x), a(x))
     assert set(a.state_dict()) == {"qweight", "scales", "zeros"}
     assert a.qweight.dtype == torch.uint8 and a.qweight.shape == (32, 32)
+
+
+@pytest.mark.parametrize("group,in_f,kernel,k_pad", [
+    (128, 576, 64, 576), (None, 576, 64, 576), (128, 1536, 128, 1536), (None, 1536, 256, 1536), (None, 72, 32, 96),
+    (256, 640, 128, 640), (64, 200, 32, 224)])
+def test_kernel_group_avoids_padding(group, in_f, kernel, k_pad):
+    """SmolLM2's 576 columns in groups of 128 run as kernel groups of 64: no padded columns, no per-call x padding."""
+    from netshrink.llm.packing import kernel_group
+
+    assert kernel_group(group or in_f, in_f) == kernel
+    torch.manual_seed(0)
+    layer = PackedLinear.from_quantized(quantize_weight(torch.randn(16, in_f), 4, group, False))
+    layer.prepare()
+    assert layer._kernel[3] == kernel and layer._kernel[4] == k_pad
+    x = torch.randn(1, in_f)
+    ref = x.bfloat16().double() @ layer.dequantized_weight().double().t()
+    assert float((layer(x).double() - ref).abs().max() / ref.abs().max()) < 1e-2
+
+
+def test_kernel_group_refuses_odd_groups():
+    from netshrink.llm.packing import kernel_group
+
+    with pytest.raises(NetshrinkError, match="no int4 kernel layout"):
+        kernel_group(48, 576)

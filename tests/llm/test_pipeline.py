@@ -209,3 +209,22 @@ def test_smoothquant_stream_writes_int8(checkpoint, calib_ids, tmp_path):
     model = load_compressed(out)
     assert isinstance(model.model.layers[0].mlp.up_proj, W8A8Linear)
     assert torch.isfinite(model(calib_ids).logits).all()
+
+
+def test_pack_lm_head(tiny_llama, calib_ids):
+    import copy
+
+    from netshrink.llm import pack_lm_head
+
+    model = compress_llm(tiny_llama, RTN(4, 32), pack=True)
+    ref = model(calib_ids).logits
+    embed = model.model.embed_tokens.weight.clone()
+    for bits, group in ((8, None), (4, 32)):
+        packed = pack_lm_head(copy.deepcopy(model), bits, group)
+        assert isinstance(packed.lm_head, PackedLinear) and packed.lm_head.bits == bits
+        assert torch.equal(packed.model.embed_tokens.weight, embed)  # the input embedding keeps its float table
+        assert packed._netshrink_record["lm_head"]["bits"] == bits
+        rel = float((packed(calib_ids).logits - ref).pow(2).mean() / ref.pow(2).mean())
+        assert 0 < rel < (0.001 if bits == 8 else 0.05), rel
+    with pytest.raises(NetshrinkError, match="not a Linear"):
+        pack_lm_head(packed)

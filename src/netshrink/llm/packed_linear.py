@@ -67,24 +67,31 @@ class PackedLinear(nn.Module):
         return self._kernel[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        path = self.prepare()
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if path == "int4":
-            _, packed, sz, kg, k_pad = self._kernel
+        kernel = self._kernel
+        if kernel is None:
+            self.prepare()
+            kernel = self._kernel
+        # At batch 1 the kernels take a few microseconds, so every extra op here shows: cast only when needed,
+        # pad only when the kernel group does not divide in_features, slice only when rows were padded.
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        if kernel[0] == "int4":
+            _, packed, sz, kg, k_pad = kernel
             if k_pad != self.in_features:
                 x2 = nn.functional.pad(x2, (0, k_pad - self.in_features))
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, kg, sz)
             if y.shape[1] != self.out_features:
                 y = y[:, : self.out_features]
-        elif path == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self._kernel[1], self._kernel[2])
+        elif kernel[0] == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), kernel[1], kernel[2])
         else:
-            y = nn.functional.linear(x2, self._kernel[1])
-        y = y.to(x.dtype)
+            y = nn.functional.linear(x2, kernel[1])
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"

@@ -93,17 +93,18 @@ def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Te
 
 
 def kernel_group(group_size: int, in_features: int) -> int:
-    """The int4-kernel group size used for a canonical `group_size` (per-channel scales are repeated into groups)."""
-    if group_size in KERNEL_GROUPS:
-        return group_size
-    for g in KERNEL_GROUPS:
-        if group_size % g == 0:
-            return g
-    raise NetshrinkError(
-        f"group size {group_size} has no int4 kernel layout",
-        where=f"in_features={in_features}",
-        hint=f"use a multiple of 32 ({', '.join(map(str, KERNEL_GROUPS))}) or per-channel",
-    )
+    """The int4-kernel group size for a canonical `group_size`: one of 256/128/64/32 that divides it (per channel:
+    any), choosing the one that pads `in_features` least, then the largest. 576 columns in groups of 128 run as
+    groups of 64 (each scale repeated twice): no padded weight columns and no padding of every activation."""
+    per_channel = group_size >= in_features
+    fits = [g for g in KERNEL_GROUPS if per_channel or group_size % g == 0]
+    if not fits:
+        raise NetshrinkError(
+            f"group size {group_size} has no int4 kernel layout",
+            where=f"in_features={in_features}",
+            hint=f"use a multiple of 32 ({', '.join(map(str, KERNEL_GROUPS))}) or per-channel",
+        )
+    return min(fits, key=lambda g: ((-in_features) % g, -g))
 
 
 def to_int4_kernel(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -117,7 +118,7 @@ def to_int4_kernel(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int
     out_f, in_f = qw.codes.shape
     shift = 4 if qw.bits == 3 else 0
     per_channel = qw.group_size >= in_f
-    kg = kernel_group(32 if per_channel else qw.group_size, in_f)
+    kg = kernel_group(qw.group_size, in_f)
     k_pad = in_f + (-in_f) % kg
     n_pad = out_f + (-out_f) % 16
     codes = qw.codes.to(torch.int32) + shift

@@ -18,6 +18,20 @@ def parse_percent(text: str) -> float:
                              where="--max-drop") from None
 
 
+def parse_budget(text: str) -> tuple[float, bool]:
+    """A quality-drop budget: '0.5%' is relative to the baseline (0.005, False); a bare number or 'Npt' is in points
+    of the metric, so '1' on accuracy means one accuracy point (0.01, True)."""
+    value = text.strip().lower()
+    if value.endswith("%"):
+        return parse_percent(value), False
+    number = value.removesuffix("pts").removesuffix("pt").strip()
+    try:
+        return float(number) / 100.0, True
+    except ValueError:
+        raise NetshrinkError(f"expected a drop like 1 (points) or 0.5% (relative), got '{text}'",
+                             where="--max-drop") from None
+
+
 def parse_duration(text: str) -> float:
     """'20m' -> 1200 s, '90s', '1h', '1h30m'; a bare number is seconds."""
     match = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
@@ -66,7 +80,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from netshrink.recipes.tune import tune
 
-    result = tune(args.model, task=args.task, max_drop=parse_percent(args.max_drop),
+    max_drop, absolute = parse_budget(args.max_drop)
+    result = tune(args.model, task=args.task, max_drop=max_drop, absolute=absolute,
                   time_budget_s=parse_duration(args.time_budget), out=args.out, resume=args.resume,
                   executor=args.executor, address=args.address, n=args.n, seed=args.seed)
     print("\n".join(result.lines()))
@@ -85,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model_arg(p)
     p.add_argument("--recipe", required=True, help="recipe file or built-in name (e.g. int8-ptq, cnn-structured50-int8)")
     p.add_argument("--out", required=True, type=Path, help="output folder to create")
-    p.add_argument("--export", choices=("checkpoint", "onnx", "torchscript", "hf", "gguf"),
+    p.add_argument("--export", choices=("netshrink", "checkpoint", "onnx", "torchscript", "hf", "gguf"),
                    help="also export the result in this format")
     p.add_argument("--n", type=int, help="cap on evaluation samples for the report")
     p.set_defaults(func=cmd_compress)
@@ -105,7 +120,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "far is saved after every trial, and --resume continues a stopped run.")
     model_arg(p)
     p.add_argument("--task", help="evaluation task (default: the model's own, e.g. digits, similarity)")
-    p.add_argument("--max-drop", default="1%", help="largest acceptable quality drop, e.g. 1%% or 0.5%%")
+    p.add_argument("--max-drop", default="1%", help="largest acceptable quality drop: 0.5%% is relative to the "
+                   "baseline, a bare number is in points of the metric (1 = one accuracy point)")
     p.add_argument("--time-budget", default="20m", help="wall-clock budget, e.g. 20m, 90s, 1h (default 20m)")
     p.add_argument("--out", type=Path, required=True, help="run folder (best model, trials, report)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping finished trials")

@@ -56,7 +56,7 @@ def prune_magnitude(model: nn.Module, run: StageRun) -> nn.Module:
                          exclude=tuple(run.exclude), per_layer=per_layer)
     calibration = None
     if p["importance"] == "magnitude_x_grad":
-        calibration = run.workload.need("training", run.where)(64)[:8]
+        calibration = run.workload.need("training", run.where)(64, 8)
     magnitude_prune(model, config, calibration=calibration, loss_fn=run.workload.loss)
     run.native.update(exclude=True, per_layer=True)
     return model
@@ -71,7 +71,7 @@ def prune_structured(model: nn.Module, run: StageRun) -> nn.Module:
                          importance=p["importance"], round_to=p["round_to"], exclude=tuple(run.exclude))
     calibration = None
     if p["importance"] == "taylor":
-        calibration = run.workload.need("training", run.where)(64)[:8]
+        calibration = run.workload.need("training", run.where)(64, 8)
     apply(model, config, example_inputs=run.workload.example_inputs, calibration=calibration,
           loss_fn=run.workload.loss)
     run.native.update(exclude=True)
@@ -94,7 +94,7 @@ def finetune(model: nn.Module, run: StageRun) -> nn.Module:
     from netshrink.sparsity.finetune import finetune as train
 
     p = run.params
-    batches = run.workload.need("training", run.where)(p["batch_size"])
+    batches = run.workload.need("training", run.where)(p["batch_size"], p["steps"])
     loss = run.workload.need("loss", run.where)
     train(model, batches, FineTune(steps=p["steps"], lr=p["lr"], weight_decay=p["weight_decay"]), loss_fn=loss)
     model.eval()
@@ -102,9 +102,17 @@ def finetune(model: nn.Module, run: StageRun) -> nn.Module:
 
 
 # ---- quantize ----------------------------------------------------------------------------------------------------
+def _bake_masks(model: nn.Module) -> None:
+    """Turn pruning masks (parametrizations) into plain zero weights, so the quantizer sees ordinary layers."""
+    from netshrink.sparsity.masks import make_permanent
+
+    make_permanent(model)
+
+
 def _quantize(model: nn.Module, run: StageRun, config: Any, calibration: Any = None) -> nn.Module:
     from netshrink.quant.api import quantize_
 
+    _bake_masks(model)
     model = quantize_(model, config, calibration=calibration, inplace=True)
     run.native.update(exclude=True)
     return model
@@ -113,7 +121,9 @@ def _quantize(model: nn.Module, run: StageRun, config: Any, calibration: Any = N
 def quant_int8_dynamic(model: nn.Module, run: StageRun) -> nn.Module:
     from netshrink.quant import Int8Dynamic
 
-    return _quantize(model, run, make_config(Int8Dynamic, run.where, skip=tuple(run.exclude)))
+    p = run.params
+    return _quantize(model, run, make_config(Int8Dynamic, run.where, per_channel=p["per_channel"],
+                                             backend=p["backend"], skip=tuple(run.exclude)))
 
 
 def quant_int8_static(model: nn.Module, run: StageRun) -> nn.Module:
@@ -121,7 +131,7 @@ def quant_int8_static(model: nn.Module, run: StageRun) -> nn.Module:
 
     p = run.params
     config = make_config(Int8Static, run.where, per_channel=p["per_channel"], observer=p["observer"],
-                         skip=tuple(run.exclude))
+                         backend=p["backend"], skip=tuple(run.exclude))
     calibration = run.workload.need("calibration", run.where)(p["calibration_samples"])
     return _quantize(model, run, config, calibration)
 
@@ -129,26 +139,45 @@ def quant_int8_static(model: nn.Module, run: StageRun) -> nn.Module:
 def quant_bf16(model: nn.Module, run: StageRun) -> nn.Module:
     from netshrink.quant import BF16
 
-    return _quantize(model, run, make_config(BF16, run.where, skip=tuple(run.exclude)))
+    return _quantize(model, run, make_config(BF16, run.where, backend=run.params["backend"], skip=tuple(run.exclude)))
 
 
 def quant_fp16(model: nn.Module, run: StageRun) -> nn.Module:
+    import warnings
+
     from netshrink.quant import FP16
 
-    return _quantize(model, run, make_config(FP16, run.where, skip=tuple(run.exclude)))
+    with warnings.catch_warnings():  # FP16 suits GPUs; its CPU slowness warning is expected in a GPU recipe
+        warnings.simplefilter("ignore", UserWarning)
+        return _quantize(model, run, make_config(FP16, run.where, backend=run.params["backend"],
+                                                 skip=tuple(run.exclude)))
 
 
 def quant_qat(model: nn.Module, run: StageRun) -> nn.Module:
-    from netshrink.quant import QAT
+    """LSQ quantization-aware training: fake-quantize, train `steps` batches with the workload's loss, convert."""
+    import itertools
+
+    from netshrink.quant.qat import QATConfig, convert, prepare_qat, train_qat
 
     p = run.params
-    batches = run.workload.need("training", run.where)(p["batch_size"])
-    config = make_config(QAT, run.where, steps=p["steps"], lr=p["lr"], skip=tuple(run.exclude))
+    loss_fn = run.workload.need("loss", run.where)
+    batches = run.workload.need("training", run.where)(p["batch_size"], p["steps"])
     calibration = run.workload.need("calibration", run.where)(p["calibration_samples"])
-    from netshrink.quant.api import quantize_
+    config = make_config(QATConfig, run.where, weight_bits=p["weight_bits"], act_bits=p["act_bits"],
+                         skip=tuple(run.exclude))
+    _bake_masks(model)
+    model = prepare_qat(model, config, calibration=calibration, inplace=True)
+    steps = list(itertools.islice(itertools.cycle(batches), p["steps"]))
 
-    model = quantize_(model, config, calibration=calibration, train_data=batches, loss_fn=run.workload.loss,
-                      inplace=True)
+    def step(m: nn.Module, batch: Any, optimizer: Any) -> Any:
+        optimizer.zero_grad()
+        loss = loss_fn(m, batch)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    train_qat(model, steps, epochs=1, lr=p["lr"], train_step=step)
+    model = convert(model, inplace=True)
     run.native.update(exclude=True)
     return model
 
@@ -185,25 +214,31 @@ def llm_method(model: nn.Module, run: StageRun) -> nn.Module:
 
     p = run.params
     config = _llm_config(run.method, p, run.where)
-    calibration = run.workload.text if "samples" in p else None
-    if "samples" in p and calibration is None:
-        calibration = run.workload.need("text", run.where)
+    calibration = run.workload.need("text", run.where) if "samples" in p else None
     return compress_llm(model, config, calibration, tokenizer=run.workload.tokenizer, n_samples=p.get("samples", 32),
-                        seq_len=p.get("seq_len", 256), inplace=True)
+                        seq_len=p.get("seq_len", 256), pack=p.get("pack", False), inplace=True)
 
 
 # ---- export ------------------------------------------------------------------------------------------------------
-EXTENSIONS = {"checkpoint": "", "onnx": ".onnx", "torchscript": ".pt", "hf": "", "gguf": ".gguf"}
+FORMAT_OF = {"checkpoint": "netshrink"}  # recipe name -> netshrink.export.api format
+EXTENSIONS = {"netshrink": "", "checkpoint": "", "onnx": ".onnx", "torchscript": ".pt", "hf": "", "gguf": ".gguf"}
 
 
 def export(model: nn.Module, run: StageRun) -> nn.Module:
+    """Write the model through `netshrink.export.api.export` (zoo models keep their tokenizer and base name)."""
     from netshrink.export.api import export as write
 
     if run.out_dir is None:
         raise NetshrinkError("an export stage needs an output folder", where=run.where, hint="pass --out DIR / out=")
-    name = run.params["path"] or f"model-{run.method}{EXTENSIONS[run.method]}"
-    target = run.out_dir / name
+    fmt = FORMAT_OF.get(run.method, run.method)
+    target = run.out_dir / (run.params["path"] or f"model-{run.method}{EXTENSIONS[run.method]}")
     entry = run.workload.extra.get("entry")
-    path = write(entry.with_model(model) if entry is not None else model, run.method, target, **run.params["options"])
+    options = dict(run.params["options"])
+    if fmt == "netshrink" and entry is not None:
+        options.setdefault("base", entry.name)
+    try:
+        path = write(entry.with_model(model) if entry is not None else model, fmt, target, **options)
+    except NetshrinkError as exc:
+        raise NetshrinkError(exc.what, where=f"{run.where} ({exc.where})", hint=exc.hint) from None
     run.outputs[run.method] = Path(path) if path is not None else target
     return model

@@ -64,14 +64,14 @@ for _spec in (
                summary="per-output-row magnitude pruning of an LLM"),
     MethodSpec("finetune", "finetune", p.FinetuneParams, f"{_H}:finetune", kinds=("cnn", "encoder", "module"),
                summary="recover accuracy with a short training run that keeps pruned weights at zero"),
-    MethodSpec("quantize", "int8-dynamic", p.NoParams, f"{_H}:quant_int8_dynamic",
+    MethodSpec("quantize", "int8-dynamic", p.Int8DynamicParams, f"{_H}:quant_int8_dynamic",
                summary="INT8 weights, activations quantized on the fly; no calibration"),
     MethodSpec("quantize", "int8-static", p.Int8StaticParams, f"{_H}:quant_int8_static",
                summary="INT8 PTQ with activation ranges calibrated on real data"),
     MethodSpec("quantize", "qat", p.QATParams, f"{_H}:quant_qat", kinds=("cnn", "encoder", "module"),
                summary="INT8 quantization-aware training (fake-quant during fine-tuning)"),
-    MethodSpec("quantize", "bf16", p.NoParams, f"{_H}:quant_bf16", summary="bfloat16 weights and activations"),
-    MethodSpec("quantize", "fp16", p.NoParams, f"{_H}:quant_fp16", summary="float16 weights and activations"),
+    MethodSpec("quantize", "bf16", p.CastParams, f"{_H}:quant_bf16", summary="bfloat16 weights and activations"),
+    MethodSpec("quantize", "fp16", p.CastParams, f"{_H}:quant_fp16", summary="float16 weights and activations"),
     MethodSpec("quantize", "rtn", p.WeightOnlyParams, f"{_H}:llm_method", kinds=LLM, overridable=("bits", "group_size"),
                summary="round-to-nearest weight-only quantization (the baseline)"),
     MethodSpec("quantize", "gptq", p.GPTQParams, f"{_H}:llm_method", kinds=LLM, overridable=("bits", "group_size"),
@@ -83,6 +83,6 @@ for _spec in (
 ):
     register(_spec)
 
-EXPORT_FORMATS = ("checkpoint", "onnx", "torchscript", "hf", "gguf")
+EXPORT_FORMATS = ("netshrink", "checkpoint", "onnx", "torchscript", "hf", "gguf")  # checkpoint = netshrink
 for _fmt in EXPORT_FORMATS:
     register(MethodSpec("export", _fmt, p.ExportParams, f"{_H}:export", summary=f"write the model as {_fmt}"))

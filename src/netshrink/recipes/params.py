@@ -61,14 +61,23 @@ class FinetuneParams(Params):
 
 
 # ---- quantize ----------------------------------------------------------------------------------------------------
-class NoParams(Params):
-    pass
+Backend = Literal["auto", "eager", "compile"]  # "compile": torch.compile fuses the ops around each int8 GEMM
+
+
+class CastParams(Params):
+    backend: Backend = "auto"
+
+
+class Int8DynamicParams(Params):
+    per_channel: bool = True
+    backend: Backend = "auto"
 
 
 class Int8StaticParams(Params):
     calibration_samples: int = Field(256, ge=1)
     per_channel: bool = True
-    observer: Literal["minmax", "histogram", "percentile"] = "minmax"
+    observer: Literal["minmax", "moving_average", "percentile", "mse", "entropy"] = "minmax"
+    backend: Backend = "auto"
 
 
 class QATParams(Params):
@@ -76,12 +85,15 @@ class QATParams(Params):
     lr: float = Field(1e-4, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1)
     calibration_samples: int = Field(256, ge=1)
+    weight_bits: int = Field(8, ge=2, le=8)
+    act_bits: int = Field(8, ge=2, le=8)
 
 
 class WeightOnlyParams(Params):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int | None = Field(128, ge=8)  # null: one scale per output channel
     symmetric: bool = False
+    pack: bool = False  # swap in packed INT4/INT8 Linears (real low-bit kernels) instead of dequantized floats
     samples: int = Field(32, ge=1)
     seq_len: int = Field(256, ge=8)
 

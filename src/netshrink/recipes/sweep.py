@@ -47,3 +47,40 @@ def sensitivity_scan(model: str, layers: list[str], levels: list[float], task: s
     """Quality for every (layer, sparsity) pair, in layer-major order."""
     points = [Point(model, layer, level, task, n, seed) for layer in layers for level in levels]
     return executor.map(run_point, points)
+
+
+@dataclass(frozen=True)
+class QuantPoint:
+    """One quantization-scan task: quantize only `layer` of zoo model `model` with `method` and evaluate."""
+
+    model: str
+    layer: str
+    method: str  # "int8-static" | "int8-dynamic"
+    task: str
+    n: int | None = None
+    seed: int = 0
+
+
+def run_quant_point(point: QuantPoint) -> dict[str, Any]:
+    """Quality with only `point.layer` quantized (eager kernels; every other layer stays float)."""
+    from netshrink import zoo
+    from netshrink.recipes.measure import quality_of
+    from netshrink.recipes.runner import compress
+
+    torch.manual_seed(point.seed)
+    torch.set_num_threads(1)
+    entry = zoo.load(point.model)
+    stage: dict[str, Any] = {"method": point.method, "backend": "eager"}
+    others = [name for name, m in entry.model.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name != point.layer]
+    if others:
+        stage["exclude"] = others
+    result = compress(entry, {"name": "scan", "stages": [{"quantize": stage}]})
+    quality, metric, _ = quality_of(result.entry, point.task, point.n)
+    return {"layer": point.layer, "method": point.method, "metric": metric, "quality": quality}
+
+
+def quant_sensitivity_scan(model: str, layers: list[str], method: str, task: str, executor: Any,
+                           n: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Quality with each layer alone quantized, in `layers` order (the most harmful ones are kept in float)."""
+    return executor.map(run_quant_point, [QuantPoint(model, layer, method, task, n, seed) for layer in layers])

@@ -23,7 +23,7 @@ class Workload:
     tokenizer: Any = None
     example_inputs: tuple | None = None
     calibration: Callable[[int], list[tuple]] | None = None  # n samples -> input tuples, batched
-    training: Callable[[int], list[Any]] | None = None  # batch size -> batches that `loss` accepts
+    training: Callable[..., list[Any]] | None = None  # (batch size, limit=None) -> batches that `loss` accepts
     loss: LossFn | None = None
     text: str | None = None  # LLM calibration text
     extra: dict[str, Any] = field(default_factory=dict)
@@ -53,10 +53,10 @@ def _image_workload(entry: Any) -> Workload:
         x, _ = loader(split, n=n)
         return _batches((x,), 64)
 
-    def training(batch_size: int) -> list[Any]:
+    def training(batch_size: int, limit: int | None = None) -> list[Any]:
         x, y = loader(split, n=None if loader is data.digits else 10000)
         perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
-        return _batches((x[perm], y[perm]), batch_size)
+        return _batches((x[perm], y[perm]), batch_size)[:limit]
 
     def cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:
         x, y = batch
@@ -80,10 +80,10 @@ def _encoder_workload(entry: Any) -> Workload:
         texts = data.sentences(n)
         return [encode(texts[i:i + 32]) for i in range(0, len(texts), 32)]
 
-    def training(batch_size: int) -> list[Any]:
+    def training(batch_size: int, limit: int | None = None) -> list[Any]:
         texts = data.sentences(None)
         batches = []
-        for i in range(0, len(texts), batch_size):
+        for i in range(0, len(texts), batch_size)[:limit]:  # the teacher embeds only the batches used
             ids, mask = encode(texts[i:i + batch_size])
             with torch.no_grad():
                 target = teacher(ids, mask)
@@ -136,7 +136,7 @@ def workload_for(entry: Any | None, kind: str, calibration: Any = None, train_da
                 work.example_inputs = batches[0]
     if train_data is not None:
         train = list(train_data)
-        work.training = lambda batch_size: train
+        work.training = lambda batch_size, limit=None: train[:limit]
     if loss is not None:
         work.loss = loss
     if example_inputs is not None:

@@ -1,0 +1,247 @@
+"""Structured pruning with physical removal, side by side with Torch-Pruning and torch.nn.utils.prune.
+
+all-MiniLM-L6-v2 with 50% of FFN neurons and half the attention heads removed, and the digit CNN with 50% of
+filters removed: latency against the unpruned model at batch 1 and 32, FLOPs, and quality before and after
+recovery by distillation from the original (unlabelled real text: gensim's lee_background.cor sentences;
+unlabelled digit images). torch.nn.utils.prune only masks, so it shows what masking alone buys.
+
+Run: .venv/bin/python benchmarks/bench_pruning_structured.py [--quick] [--steps N] [--threads T]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import time
+
+import torch
+import torch.nn.utils.prune as tprune
+from torch import nn
+
+from netshrink import zoo
+from netshrink.bench import compare, count_flops
+from netshrink.data import digits, sentences
+from netshrink.eval import embed, embedding_fidelity, human_similarity
+from netshrink.sparsity import Distill, Structured, distill, prune_, structured_prune
+
+
+def torch_pruning_minilm(encoder: nn.Module, inputs: tuple) -> nn.Module:
+    """Torch-Pruning's MetaPruner on the same setting: 50% of FFN neurons and of heads, hidden size kept."""
+    import torch_pruning as tp
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    model = copy.deepcopy(encoder)
+    bert = model.backbone
+    heads = {}
+    for m in bert.modules():
+        if isinstance(m, BertSelfAttention):
+            heads[m.query] = heads[m.key] = heads[m.value] = m.num_attention_heads
+    ignored = [bert.pooler, bert.embeddings] + [m for m in bert.modules() if isinstance(m, nn.LayerNorm)]
+    pruner = tp.pruner.MetaPruner(bert, inputs, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=0.5, ignored_layers=ignored, num_heads=heads, prune_head_dims=False,
+                                  prune_num_heads=True, head_pruning_ratio=0.5,
+                                  output_transform=lambda out: out.last_hidden_state.sum())
+    pruner.step()
+    for m in bert.modules():
+        if isinstance(m, BertSelfAttention):
+            m.num_attention_heads = pruner.num_heads[m.query]
+            m.all_head_size = m.query.out_features
+    return model.eval()
+
+
+def torch_pruning_cnn(model: nn.Module, inputs: tuple) -> nn.Module:
+    """Torch-Pruning's MetaPruner removing 50% of channels (the classifier output kept)."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model)
+    pruner = tp.pruner.MetaPruner(model, inputs, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=0.5, ignored_layers=[model.fc_layers[2]])
+    pruner.step()
+    return model.eval()
+
+
+def masked_with_torch_prune(model: nn.Module, config: Structured, inputs: tuple | None = None,
+                            calibration: list | None = None) -> nn.Module:
+    """torch.nn.utils.prune.custom_from_mask with exactly the units netshrink cuts: same outputs, same shapes."""
+    from netshrink.sparsity.masks import get_mask, masked_modules
+
+    twin = prune_(model, dataclasses.replace(config, physical=False), example_inputs=inputs, calibration=calibration)
+    out = copy.deepcopy(model)
+    for name, module in masked_modules(twin).items():
+        for tensor in ("weight", "bias"):
+            mask = get_mask(module, tensor)
+            if mask is not None:
+                tprune.custom_from_mask(out.get_submodule(name), tensor, mask)
+    return out.eval()
+
+
+def text_batches(tok, texts: list[str], size: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sentences grouped by length (little padding), batches in a fixed shuffled order."""
+    texts = sorted(texts, key=len)
+    batches = []
+    for i in range(0, len(texts), size):
+        enc = tok(texts[i:i + size], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        batches.append((enc["input_ids"], enc["attention_mask"]))
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [batches[i] for i in order]
+
+
+def latency_rows(variants: dict[str, nn.Module], inputs: tuple, rounds: int, threads: int | None, batch: int):
+    calls = {name: (lambda m=m: m(*inputs)) for name, m in variants.items()}
+    return compare(calls, baseline=next(iter(variants)), rounds=rounds, calls_per_round=1, warmup=1,
+                   num_threads=threads, batch=batch)
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def minilm_section(args: argparse.Namespace) -> str:
+    entry = zoo.load("minilm")
+    original, tok = entry.model.eval(), entry.tokenizer
+    pool = sentences()
+    held_out = pool[-200:]
+    train = pool[: len(pool) - 200][: 640 if args.quick else None]
+    batches = text_batches(tok, train)
+    steps = args.steps or (20 if args.quick else 800)
+    tiny = entry.example_inputs(batch=2, seq_len=32)
+
+    config = Structured(ratio=0.5, head_ratio=0.5, importance=args.importance)
+    calibration = batches[:8]
+    pruned = structured_prune(original, 0.5, head_ratio=0.5, importance=args.importance, calibration=calibration)
+    recovered = copy.deepcopy(pruned)
+    torch.set_num_threads(args.train_threads)
+    t0 = time.time()
+    probe = held_out[:100]
+    probe_ref = embed(original, tok, probe)
+    trajectory = [(0, float(torch.cosine_similarity(embed(recovered, tok, probe), probe_ref).mean()))]
+    paused = [0.0]
+
+    def watch(step: int, _loss: float) -> None:
+        if (step + 1) % max(1, steps // 8) == 0 or step + 1 == steps:
+            t = time.time()
+            cos = float(torch.cosine_similarity(embed(recovered, tok, probe), probe_ref).mean())
+            trajectory.append((step + 1, cos))
+            paused[0] += time.time() - t
+            print(f"  distillation step {step + 1}: mean cosine {cos:.4f} on 100 held-out sentences", flush=True)
+
+    distill(recovered, original, batches, Distill(steps=steps, lr=args.lr), on_step=watch)
+    recovery_s = time.time() - t0 - paused[0]
+    tp_model = torch_pruning_minilm(original, tiny)
+    tp_recovered = None
+    if args.tp_recovery:
+        tp_recovered = copy.deepcopy(tp_model)
+        distill(tp_recovered, original, batches, Distill(steps=steps, lr=args.lr))
+    masked = masked_with_torch_prune(original, config, calibration=calibration)
+    variants = {"original": original, "netshrink cut": pruned, "netshrink cut + distilled": recovered,
+                "Torch-Pruning": tp_model}
+    if tp_recovered is not None:
+        variants["Torch-Pruning + our distillation"] = tp_recovered
+    variants["same units masked (torch.nn.utils.prune)"] = masked
+
+    base_h = human_similarity(original, tok)
+    quality = {}
+    for name, m in variants.items():
+        fid = embedding_fidelity(m, original, tok, held_out)
+        hs = human_similarity(m, tok) if name != "original" else base_h
+        quality[name] = (fid["mean_cosine"], fid["min_cosine"], hs["pearson"], hs["spearman"])
+    out = [f"### all-MiniLM-L6-v2: 50% FFN neurons + 6 of 12 heads per layer removed\n",
+           f"recovery: {steps} distillation steps (batch 32, lr {args.lr}) on {len(train)} lee_background sentences, "
+           f"{recovery_s / 60:.1f} min on {args.train_threads} thread(s); fidelity on {len(held_out)} held-out "
+           "sentences; human similarity = gensim lee.cor ratings\n",
+           "recovery trajectory (step: mean cosine on 100 held-out sentences): "
+           + ", ".join(f"{k}: {c:.3f}" for k, c in trajectory) + "\n"]
+    seq = 128
+    flops = {}
+    for batch in (1, 32):
+        inputs = entry.example_inputs(batch=batch, seq_len=seq)
+        if batch == 32:
+            flops = {n: count_flops(m, inputs)["flops"] for n, m in variants.items()}
+        rows = latency_rows(variants, inputs, args.rounds, args.threads, batch)
+        out.append(f"\nlatency, batch {batch}, {seq} tokens:\n")
+        out.append(table(["variant", "median ms", "speedup"],
+                         [[r.name, f"{r.stats.median_ms:.1f}", f"{r.speedup:.2f}x"] for r in rows]))
+        if batch == 32:
+            speed = {r.name: r.speedup for r in rows}
+    out.append("\nquality and cost:\n")
+    rows = []
+    for name in variants:
+        cos, cmin, pear, spear = quality[name]
+        reduction = flops["original"] / flops[name]
+        rows.append([name, f"{cos:.4f}", f"{cmin:.4f}", f"{pear:.4f}", f"{spear:.4f}", f"{spear - base_h['spearman']:+.4f}",
+                     f"{flops[name] / 1e9:.1f}", f"{reduction:.2f}x", f"{speed[name]:.2f}x",
+                     "yes" if speed[name] >= 0.8 * reduction else "no"])
+    out.append(table(["variant", "mean cos", "min cos", "human pearson", "human spearman", "spearman vs orig",
+                      "GFLOPs (b32)", "FLOP reduction", "speedup b32", ">= 0.8 x FLOP red."], rows))
+    return "\n".join(out)
+
+
+def cnn_section(args: argparse.Namespace) -> str:
+    entry = zoo.load("digit-cnn")
+    original = entry.model.eval()
+    xtr, _ = digits("train")
+    xte, yte = digits("test")
+    steps = args.steps or (20 if args.quick else 600)
+    batches = [(xtr[i:i + 64],) for i in range(0, len(xtr), 64)]
+    config = Structured(ratio=0.5, importance=args.importance)
+    pruned = structured_prune(original, 0.5, importance=args.importance, example_inputs=(xte[:2],),
+                              calibration=batches[:4])
+    recovered = copy.deepcopy(pruned)
+    torch.set_num_threads(args.train_threads)
+    distill(recovered, original, batches, Distill(steps=steps, lr=1e-3))
+    tp_model = torch_pruning_cnn(original, (xte[:2],))
+    masked = masked_with_torch_prune(original, config, (xte[:2],), calibration=batches[:4])
+    variants = {"original": original, "netshrink cut": pruned, "netshrink cut + distilled": recovered,
+                "Torch-Pruning": tp_model, "same units masked (torch.nn.utils.prune)": masked}
+    with torch.no_grad():
+        acc = {n: float((m(xte).argmax(1) == yte).float().mean()) for n, m in variants.items()}
+    out = [f"### digit CNN: 50% of filters / neurons removed\n",
+           f"recovery: {steps} distillation steps on unlabelled sklearn digits (train split); accuracy on the "
+           f"{len(xte)}-image test split\n"]
+    for batch in (1, 32):
+        inputs = entry.example_inputs(batch=batch)
+        if batch == 32:
+            flops = {n: count_flops(m, inputs)["flops"] for n, m in variants.items()}
+        rows = latency_rows(variants, inputs, args.rounds * 4, args.threads, batch)
+        out.append(f"\nlatency, batch {batch}:\n")
+        out.append(table(["variant", "median ms", "speedup"],
+                         [[r.name, f"{r.stats.median_ms:.3f}", f"{r.speedup:.2f}x"] for r in rows]))
+        if batch == 32:
+            speed = {r.name: r.speedup for r in rows}
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in variants.items()}
+    out.append("\nquality and cost:\n")
+    out.append(table(["variant", "accuracy", "params", "MFLOPs (b32)", "FLOP reduction", "speedup b32",
+                      ">= 0.8 x FLOP red."],
+                     [[n, f"{acc[n]:.4f}", f"{params[n]:,}", f"{flops[n] / 1e6:.1f}",
+                       f"{flops['original'] / flops[n]:.2f}x", f"{speed[n]:.2f}x",
+                       "yes" if speed[n] >= 0.8 * flops["original"] / flops[n] else "no"] for n in variants]))
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smoke run: few steps, few timing rounds")
+    parser.add_argument("--steps", type=int, default=None, help="distillation steps (default 800 MiniLM, 600 CNN)")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--importance", default="activation",
+                        help="structured importance (activation, l1, l2, group_l2, random)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    parser.add_argument("--threads", type=int, default=None, help="threads for latency (default: torch's)")
+    parser.add_argument("--train-threads", type=int, default=1)
+    parser.add_argument("--only", choices=("minilm", "cnn"), default=None)
+    parser.add_argument("--tp-recovery", action="store_true", help="also distil Torch-Pruning's model (doubles time)")
+    args = parser.parse_args()
+    args.rounds = args.rounds or (2 if args.quick else 10)
+    threads = args.threads or torch.get_num_threads()
+    args.threads = threads
+    print(f"## Structured pruning benchmark (latency threads: {threads})\n")
+    if args.only in (None, "cnn"):
+        print(cnn_section(args), flush=True)
+        print()
+    if args.only in (None, "minilm"):
+        print(minilm_section(args), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Recovery by distillation: train the pruned student to reproduce the original teacher on unlabelled inputs.
+
+The loss matches the outputs (MSE + cosine) and, where shapes agree, the outputs of same-named blocks
+(transformer layers keep the hidden size under FFN/head pruning), which gives many more targets per batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netshrink.errors import NetshrinkError
+from netshrink.sparsity.finetune import _cycle
+from netshrink.sparsity.masks import keep_masks_after_step
+
+BLOCK_SUFFIXES = ("Layer", "DecoderLayer", "Block")
+
+
+@dataclass
+class Distill:
+    """`steps` Adam steps at `lr`; `block_weight` scales the per-block hidden-state term (0: outputs only).
+
+    cache_teacher: when the batches are a list, keep the teacher's outputs per batch after the first pass
+    (the teacher is frozen, so they never change; saves a teacher forward on every later epoch).
+    """
+
+    steps: int = 300
+    lr: float = 1e-4
+    block_weight: float = 1.0
+    cosine_weight: float = 1.0
+    cache_teacher: bool = True
+
+
+def matching_blocks(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """Names of repeated blocks (BertLayer, LlamaDecoderLayer, ...) present in both models."""
+    names_t = {n for n, m in teacher.named_modules() if type(m).__name__.endswith(BLOCK_SUFFIXES)}
+    return [n for n, m in student.named_modules() if n in names_t and type(m).__name__.endswith(BLOCK_SUFFIXES)]
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    for key in ("last_hidden_state", "logits", "hidden_states"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _capture(model: nn.Module, names: list[str], store: dict[str, torch.Tensor]) -> list[Any]:
+    handles = []
+    for name in names:
+        def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+            t = _first_tensor(out)
+            if t is not None:
+                store[name] = t
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    return handles
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _match(s: torch.Tensor, t: torch.Tensor, cosine_weight: float) -> torch.Tensor:
+    s, t = s.float(), t.float()
+    loss = F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
+    if cosine_weight and s.dim() >= 2:
+        loss = loss + cosine_weight * (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+    return loss
+
+
+def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], config: Distill | None = None,
+            blocks: list[str] | None = None, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+    """Train `student` in place to match `teacher` on `batches` (model inputs, no labels); returns the losses.
+
+    Both run in eval mode (no dropout, fixed BatchNorm statistics); masks on the student stay applied.
+    """
+    config = config or Distill()
+    if config.steps < 1:
+        raise NetshrinkError("distillation needs at least one step", where="Distill.steps")
+    blocks = matching_blocks(student, teacher) if blocks is None else blocks
+    if not config.block_weight:
+        blocks = []
+    teacher_flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    teacher_mode = teacher.training
+    teacher.eval()
+    student.eval()
+    for p, _ in teacher_flags:
+        p.requires_grad_(False)
+    params = [p for p in student.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    mask_hook = keep_masks_after_step(optimizer, student)
+    s_store: dict[str, torch.Tensor] = {}
+    t_store: dict[str, torch.Tensor] = {}
+    handles = _capture(student, blocks, s_store) + _capture(teacher, blocks, t_store)
+    losses: list[float] = []
+    try:
+        cacheable = config.cache_teacher and isinstance(batches, (list, tuple))
+        cache: dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+        for step, batch in zip(range(config.steps), _cycle(batches)):
+            key = step % len(batches) if cacheable else -1
+            if key in cache:
+                t_out, blocks_out = cache[key]
+                t_store.clear()
+                t_store.update(blocks_out)
+            else:
+                with torch.no_grad():
+                    t_out = _first_tensor(_call(teacher, batch))
+                if cacheable:
+                    cache[key] = (t_out, dict(t_store))
+            s_out = _first_tensor(_call(student, batch))
+            loss = _match(s_out, t_out, config.cosine_weight)
+            matched = [n for n in blocks if n in s_store and n in t_store and s_store[n].shape == t_store[n].shape]
+            if matched:
+                loss = loss + config.block_weight * sum(
+                    _match(s_store[n], t_store[n], 0.0) for n in matched) / len(matched)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step, losses[-1])
+    finally:
+        for h in handles:
+            h.remove()
+        mask_hook.remove()
+        for p, flag in teacher_flags:
+            p.requires_grad_(flag)
+        teacher.train(teacher_mode)
+    return losses

@@ -1,0 +1,1 @@
+"""Structured pruning with physical removal: dependency analysis, importance, selection, cut or mask."""

@@ -1,0 +1,263 @@
+"""Structured pruning that physically removes units: plan (groups + importance + selection), then cut or mask.
+
+Dependency analysis (graph.py, transformer.py) says what is coupled; importance.py ranks units; this file picks
+how many per group and applies the choice, physically (a smaller dense model) or as masks (same shapes).
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from netshrink.errors import NetshrinkError
+from netshrink.record import note
+from netshrink.sparsity.importance import LossFn
+from netshrink.sparsity.masks import make_permanent, masked_modules
+from netshrink.sparsity.structured.graph import TraceFailure, channel_groups
+from netshrink.sparsity.structured.groups import (Group, Slice, mask_positions, remove_physically,
+                                                  removal_positions, tensor_of)
+from netshrink.sparsity.structured.hf_config import sync_module_attributes, update_hf_config
+from netshrink.sparsity.structured.importance import KINDS, bias_compensation, unit_importance
+from netshrink.sparsity.structured.transformer import GQA_MODES, transformer_groups
+
+TARGETS = ("channels", "ffn", "heads")
+REPORT_ATTR = "_netshrink_structured_report"
+
+
+@dataclass
+class Structured:
+    """Remove `ratio` of the units of every coupled group (channels, FFN neurons) and `head_ratio` of the heads.
+
+    targets: 'auto' (FFN + heads on transformers, channels elsewhere) or a tuple from TARGETS.
+    gqa: 'query_heads' (drop the same number of query heads in every KV group) or 'kv_groups' (drop whole groups).
+    per_group: fnmatch pattern on a group name -> ratio for that group (1.0 would leave zero units: refused).
+    round_to: keep a multiple of this many units (e.g. 8 for SIMD-friendly widths).
+    physical: False keeps shapes and masks the same units instead (the reference 'masked model').
+    compensate: fold the removed units' mean contribution on `calibration` inputs into the consumers' biases
+    (Linear consumers with a bias; both the cut and the masked model get it).
+    """
+
+    ratio: float = 0.5
+    head_ratio: float | None = None
+    importance: str = "l2"
+    targets: str | tuple[str, ...] = "auto"
+    gqa: str = "query_heads"
+    per_group: dict[str, float] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+    round_to: int = 1
+    physical: bool = True
+    compensate: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Refuse ratios outside [0, 1), unknown targets, importances or GQA modes."""
+        for where, r in (("Structured.ratio", self.ratio), ("Structured.head_ratio", self.head_ratio)):
+            if r is not None and not (isinstance(r, (int, float)) and 0.0 <= r < 1.0):
+                raise NetshrinkError(f"ratio {r!r} is outside [0, 1)", where=where)
+        for pattern, r in self.per_group.items():
+            if not (isinstance(r, (int, float)) and 0.0 <= r <= 1.0):
+                raise NetshrinkError(f"ratio {r!r} is outside [0, 1]", where=f"Structured.per_group[{pattern!r}]")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        for t in targets:
+            if t not in TARGETS + ("auto",):
+                raise NetshrinkError(f"unknown target {t!r}", where="Structured.targets", hint=", ".join(TARGETS))
+        if self.importance not in KINDS:
+            raise NetshrinkError(f"unknown importance {self.importance!r}", where="Structured.importance",
+                                 hint=", ".join(KINDS))
+        if self.gqa not in GQA_MODES:
+            raise NetshrinkError(f"unknown gqa mode {self.gqa!r}", where="Structured.gqa", hint=" or ".join(GQA_MODES))
+        if self.round_to < 1:
+            raise NetshrinkError("round_to must be >= 1", where="Structured.round_to")
+
+
+@dataclass
+class StructuredPlan:
+    """What to remove: groups, the removed unit indices per group, and why some spaces were left alone."""
+
+    groups: list[Group]
+    removed: dict[str, torch.Tensor]
+    importance_used: dict[str, str]
+    blocked: dict[str, str] = field(default_factory=dict)
+    fallback: str = ""
+    bias_delta: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StructuredReport:
+    """Outcome of structured pruning, also attached to the model (see `structured_report`)."""
+
+    mode: str
+    reason: str
+    groups: list[dict[str, Any]]
+    blocked: dict[str, str]
+    params_before: int
+    params_after: int
+
+    def lines(self) -> list[str]:
+        """Human-readable summary."""
+        out = [f"structured pruning: {self.mode}" + (f" ({self.reason})" if self.reason else ""),
+               f"parameters {self.params_before:,} -> {self.params_after:,} "
+               f"({self.params_after / max(self.params_before, 1):.1%})"]
+        out += [f"  {g['name']} [{g['kind']}]: {g['before']} -> {g['after']} by {g['importance']}" for g in self.groups]
+        out += [f"  left alone: {name}: {why}" for name, why in self.blocked.items()]
+        return out
+
+
+def _targets(config: Structured, has_transformer: bool) -> tuple[str, ...]:
+    targets = (config.targets,) if isinstance(config.targets, str) else tuple(config.targets)
+    if "auto" in targets:
+        return ("ffn", "heads") if has_transformer else ("channels",)
+    return targets
+
+
+def _fallback_groups(model: nn.Module) -> list[Group]:
+    """Without a graph: each Conv/Linear's own output rows, except the last layer (it makes the model output)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    groups = []
+    for name, m in layers[:-1]:
+        slices = [Slice(name, "weight", 0)] + ([Slice(name, "bias", 0)] if m.bias is not None else [])
+        groups.append(Group(name, m.weight.shape[0], "channels", slices))
+    return groups
+
+
+def _ratio_for(group: Group, config: Structured) -> float:
+    for pattern, r in config.per_group.items():
+        if fnmatch.fnmatchcase(group.name, pattern) or group.name == pattern:
+            return float(r)
+    if group.kind in ("heads", "kv_groups") and config.head_ratio is not None:
+        return config.head_ratio
+    return config.ratio
+
+
+def _select(group: Group, scores: torch.Tensor, config: Structured) -> torch.Tensor:
+    """Indices of the units to remove: the lowest-importance ones, keeping a multiple of round_to (at least one)."""
+    ratio = _ratio_for(group, config)
+    keep = group.size - int(math.floor(ratio * group.size + 1e-9))
+    if keep > 0 and config.round_to > 1:
+        keep = min(group.size, int(math.ceil(keep / config.round_to) * config.round_to))
+    if keep <= 0:
+        unit = {"heads": "attention heads", "kv_groups": "KV groups", "ffn": "FFN neurons"}.get(group.kind, "channels")
+        raise NetshrinkError(f"pruning ratio {ratio} would leave zero {unit}", where=group.name,
+                             hint="use a ratio below 1 for this layer")
+    order = torch.argsort(scores, stable=True)
+    return torch.sort(order[: group.size - keep]).values
+
+
+def plan_structured(model: nn.Module, config: Structured, example_inputs: tuple | None = None,
+                    calibration: Iterable[Any] | None = None, loss_fn: LossFn | None = None) -> StructuredPlan:
+    """Find coupled groups, rank their units and choose which to remove (the model is not changed)."""
+    config.validate()
+    ffn, heads = transformer_groups(model, config.gqa)
+    targets = _targets(config, bool(ffn or heads))
+    groups: list[Group] = []
+    blocked: dict[str, str] = {}
+    fallback = ""
+    if "ffn" in targets:
+        groups += ffn
+    if "heads" in targets:
+        groups += heads
+    if "channels" in targets:
+        if example_inputs is None:
+            raise NetshrinkError("channel pruning traces the model and needs example inputs", where="example_inputs",
+                                 hint="pass example_inputs=(x,) with a real batch")
+        try:
+            analysis = channel_groups(model, tuple(example_inputs))
+            groups += analysis.groups
+            blocked.update(analysis.blocked)
+        except TraceFailure as failure:
+            fallback = (f"graph not traceable at {failure.op} ({failure.reason}); fell back to masks on each "
+                        "layer's output channels: same shapes, no speedup")
+            groups += _fallback_groups(model)
+    if config.exclude:
+        groups = [g for g in groups if not any(fnmatch.fnmatchcase(g.name, p) or g.name == p for p in config.exclude)]
+    if not groups:
+        raise NetshrinkError(f"nothing to prune for targets {targets}", where=type(model).__name__,
+                             hint="; ".join(f"{k}: {v}" for k, v in blocked.items()) or None)
+    scores, used = unit_importance(model, groups, config.importance, calibration, loss_fn, config.seed)
+    removed = {g.name: _select(g, scores[g.name], config) for g in groups}
+    _check_gqa_uniform(groups, removed)
+    delta = bias_compensation(model, groups, removed, calibration) if config.compensate and not fallback else {}
+    return StructuredPlan(groups, removed, used, blocked, fallback, delta)
+
+
+def _check_gqa_uniform(groups: list[Group], removed: dict[str, torch.Tensor]) -> None:
+    """Every KV group of a layer must keep the same number of query heads (one num_key_value_groups per layer)."""
+    per_layer: dict[str, set[int]] = {}
+    for g in groups:
+        if g.kind == "heads" and "/kv" in g.name:
+            per_layer.setdefault(g.name.split("/kv")[0], set()).add(g.size - removed[g.name].numel())
+    for layer, kept in per_layer.items():
+        if len(kept) > 1:
+            raise NetshrinkError(f"KV groups would keep different numbers of query heads {sorted(kept)}", where=layer,
+                                 hint="give every KV group of a layer the same ratio, or use gqa='kv_groups'")
+
+
+def apply_plan(model: nn.Module, plan: StructuredPlan, physical: bool = True) -> StructuredReport:
+    """Apply `plan` to `model` in place: cut the units out (physical) or mask them; returns the report."""
+    before = sum(p.numel() for p in model.parameters())
+    positions = removal_positions([(g, plan.removed[g.name]) for g in plan.groups])
+    physical = physical and not plan.fallback
+    if physical and masked_modules(model):
+        make_permanent(model)
+    with torch.no_grad():
+        for name, delta in plan.bias_delta.items():
+            bias = tensor_of(model, Slice(name, "bias", 0))
+            bias.add_(delta.to(bias.dtype))
+    if physical:
+        remove_physically(model, positions)
+        sync_module_attributes(model)
+        update_hf_config(model)
+    else:
+        mask_positions(model, positions)
+    rows = []
+    for g in plan.groups:
+        kept = g.size - plan.removed[g.name].numel()
+        rows.append({"name": g.name, "kind": g.kind, "before": g.size, "after": kept,
+                     "importance": plan.importance_used[g.name]})
+        for s in g.slices:
+            if s.role == "out" and s.param == "weight":
+                note(model, s.module, method="prune:structured", pattern=g.kind, kept_units=kept, units=g.size,
+                     physical=physical)
+    after = sum(p.numel() for p in model.parameters()) if physical else before
+    mode = "physical" if physical else "masks"
+    report = StructuredReport(mode, plan.fallback, rows, plan.blocked, before, after)
+    object.__setattr__(model, REPORT_ATTR, report)
+    return report
+
+
+def structured_report(model: nn.Module) -> StructuredReport | None:
+    """The report of the last structured pruning applied to `model`, if any."""
+    return getattr(model, REPORT_ATTR, None)
+
+
+def prune_structured(model: nn.Module, config: Structured, example_inputs: tuple | None = None,
+                     calibration: Iterable[Any] | None = None, loss_fn: LossFn | None = None) -> nn.Module:
+    """Plan and apply structured pruning in place; if the cut model fails to run on example_inputs, mask instead."""
+    plan = plan_structured(model, config, example_inputs, calibration, loss_fn)
+    if not config.physical or plan.fallback or example_inputs is None:
+        apply_plan(model, plan, physical=config.physical)
+        return model
+    backup = copy.deepcopy(model)
+    apply_plan(model, plan, physical=True)
+    try:
+        with torch.no_grad():
+            model.eval()(*example_inputs)
+    except Exception as exc:  # a forward with hard-coded sizes: say so and keep the masked twin
+        plan.fallback = (f"the cut model failed to run ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                         "fell back to masks: same shapes, no speedup")
+        _restore(model, backup)
+        apply_plan(model, plan, physical=False)
+    return model
+
+
+def _restore(model: nn.Module, backup: nn.Module) -> None:
+    """Put every child of `backup` back into `model` (undoing a physical cut)."""
+    for name, child in backup.named_children():
+        setattr(model, name, child)
+    for name, p in backup.named_parameters(recurse=False):
+        setattr(model, name, p)

@@ -1,0 +1,59 @@
+"""Distillation recovery, the demo's `structured_prune`, and `prune_` dispatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from netshrink.errors import NetshrinkError
+from netshrink.sparsity import Distill, Magnitude, Structured, distill, prune_, structured_prune
+from netshrink.sparsity.masks import get_mask
+
+from sparsity_helpers import frozen_copy, state_equal
+
+
+def test_distillation_lowers_the_gap_and_leaves_teacher_alone(digit_cnn, digits_batch):
+    x, _ = digits_batch
+    before = frozen_copy(digit_cnn)
+    student = prune_(digit_cnn, Structured(ratio=0.5), example_inputs=(x[:2],))
+    batches = [(x[i:i + 64],) for i in range(0, 256, 64)]
+    losses = distill(student, digit_cnn, batches, Distill(steps=40, lr=1e-3))
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert state_equal(before, digit_cnn)
+    assert all(p.requires_grad for p in digit_cnn.parameters())
+
+
+def test_distillation_keeps_masks(digit_cnn, digits_batch):
+    x, _ = digits_batch
+    student = prune_(digit_cnn, Magnitude(sparsity=0.8))
+    distill(student, digit_cnn, [(x[:64],)], Distill(steps=5, lr=1e-2))
+    conv = student.conv_layers[3]
+    assert bool((conv.parametrizations.weight.original[~get_mask(conv)] == 0).all())
+
+
+def test_structured_prune_for_the_demo(digit_cnn, digits_batch):
+    x, y = digits_batch
+    plain = structured_prune(digit_cnn, 0.5, example_inputs=(x[:2],))
+    recovered = structured_prune(digit_cnn, 0.5, example_inputs=(x[:2],), recovery_batches=[(x[:128],)],
+                                 recovery_steps=30, recovery_lr=1e-3)
+    assert plain.conv_layers[0].out_channels == recovered.conv_layers[0].out_channels == 16
+    with torch.no_grad():
+        ref = digit_cnn(x[128:])
+        gap_plain = (plain(x[128:]) - ref).pow(2).mean()
+        gap_rec = (recovered(x[128:]) - ref).pow(2).mean()
+    assert gap_rec < gap_plain
+    assert not recovered.training
+
+
+def test_prune_rejects_unknown_config(digit_cnn):
+    with pytest.raises(NetshrinkError, match="unknown pruning config"):
+        prune_(digit_cnn, {"sparsity": 0.5})
+
+
+def test_cached_teacher_gives_the_same_training(digit_cnn, digits_batch):
+    x, _ = digits_batch
+    student = prune_(digit_cnn, Structured(ratio=0.5), example_inputs=(x[:2],))
+    a, b = frozen_copy(student), frozen_copy(student)
+    batches = [(x[i:i + 64],) for i in range(0, 192, 64)]
+    cached = distill(a, digit_cnn, batches, Distill(steps=7, lr=1e-3, cache_teacher=True))
+    fresh = distill(b, digit_cnn, batches, Distill(steps=7, lr=1e-3, cache_teacher=False))
+    assert cached == fresh and state_equal(a, b)
