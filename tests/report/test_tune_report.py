@@ -34,7 +34,7 @@ def tune_report(tmp_path):
 def test_tune_report_has_every_part(tune_report):
     payload = json.loads(tune_report["json"].read_text())
     captions = " | ".join(payload["figures"])
-    for part in ("Pareto frontier", "sensitivity", "vs weight sparsity", "Weight memory"):
+    for part in ("Pareto frontier", "sensitivity", "vs sparsity", "Weight memory"):
         assert part in captions, captions
     side = payload["tables"][0]
     assert side["title"] == "Trials side by side" and len(side["rows"]) == 5  # baseline + 3 trials + the failure

@@ -181,3 +181,26 @@ def test_round_to_keeps_multiples(digit_cnn, digits_batch):
     model = prune_(digit_cnn, Structured(ratio=0.6, round_to=8), example_inputs=(digits_batch[0][:2],))
     assert [m.out_channels % 8 for m in model.conv_layers if isinstance(m, nn.Conv2d)] == [0, 0, 0]
     assert model.conv_layers[0].out_channels == 16  # 32 - floor(0.6 * 32) = 13 -> 16
+
+
+def test_bias_compensation_keeps_twins_equal(digit_cnn, digits_batch):
+    x, _ = digits_batch
+    calibration = [(x[:128],)]
+    for compensate in (False, True):
+        config = Structured(ratio=0.5, importance="l1", compensate=compensate)
+        plan, cut, masked = _twins(digit_cnn, config, (x[:2],), calibration=calibration)
+        with torch.no_grad():
+            a, b = cut(x[128:]), masked(x[128:])
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert set(plan.bias_delta) == ({"fc_layers.0", "fc_layers.2"} if compensate else set())
+    # the delta is the removed inputs' mean contribution: W[:, removed] @ E[x_removed], checked in float64
+    feats = []
+    hook = digit_cnn.fc_layers[2].register_forward_pre_hook(lambda m, a: feats.append(a[0]))
+    with torch.no_grad():
+        digit_cnn(x[:128])
+    hook.remove()
+    gone = plan.removed["fc_layers.0"]
+    w = digit_cnn.fc_layers[2].weight.double()
+    expect = w[:, gone] @ feats[0].double()[:, gone].mean(0)
+    torch.testing.assert_close(plan.bias_delta["fc_layers.2"].double(), expect, rtol=1e-4, atol=1e-6)
+    assert torch.equal(digit_cnn.fc_layers[2].bias, frozen_copy(digit_cnn).fc_layers[2].bias)

@@ -15,7 +15,7 @@ def minilm():
     from netshrink import zoo
 
     entry = zoo.load("minilm")
-    return entry.model, entry.example_inputs(batch=4, seq_len=48)
+    return entry.model, entry.example_inputs(batch=4, seq_len=48), entry.tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def _twins(model, config):
 
 
 def test_minilm_half_ffn_half_heads_cut_equals_masked(minilm):
-    model, (ids, mask) = minilm
+    model, (ids, mask), _ = minilm
     plan, cut, masked = _twins(model, Structured(ratio=0.5, head_ratio=0.5))
     with torch.no_grad():
         a, b, ref = cut(ids, mask), masked(ids, mask), model(ids, mask)
@@ -56,12 +56,44 @@ def test_minilm_half_ffn_half_heads_cut_equals_masked(minilm):
     assert report.params_after < 0.8 * report.params_before
 
 
+def test_activation_importance_and_bias_compensation_help_minilm(minilm):
+    """On real sentences: data-aware selection beats weight norms, and folding the removed units' mean
+    contribution into the biases brings the embeddings closer still (same units, cut == masked)."""
+    from netshrink.data import sentences
+
+    model, _, tok = minilm
+    pool = sentences()
+    calib = [tuple(tok(pool[i:i + 16], padding=True, return_tensors="pt")[k] for k in ("input_ids", "attention_mask"))
+             for i in range(0, 64, 16)]
+    held = tok(pool[-48:], padding=True, return_tensors="pt")
+    ids, mask = held["input_ids"], held["attention_mask"]
+    with torch.no_grad():
+        ref = model(ids, mask)
+    cos = {}
+    for name, kw in (("l2", {}), ("activation", {}), ("activation+comp", {"compensate": True})):
+        config = Structured(ratio=0.5, head_ratio=0.5, importance=name.split("+")[0], **kw)
+        plan, cut, masked = _twins_cal(model, config, calib)
+        with torch.no_grad():
+            out = cut(ids, mask)
+            torch.testing.assert_close(out, masked(ids, mask), rtol=1e-5, atol=1e-6)
+        cos[name] = float(torch.cosine_similarity(out, ref).mean())
+    assert cos["l2"] < cos["activation"] < cos["activation+comp"], cos
+
+
+def _twins_cal(model, config, calibration):
+    plan = plan_structured(model, config, calibration=calibration)
+    cut, masked = frozen_copy(model), frozen_copy(model)
+    apply_plan(cut, plan, physical=True)
+    apply_plan(masked, plan, physical=False)
+    return plan, cut.eval(), masked.eval()
+
+
 def test_minilm_reloads_from_its_pruned_config(minilm):
     from transformers import BertModel
 
     from netshrink.zoo import SentenceEncoder
 
-    model, (ids, mask) = minilm
+    model, (ids, mask), _ = minilm
     cut = prune_(model, Structured(ratio=0.25, head_ratio=0.5, per_group={"*layer.5.ffn": 0.75}))
     fresh = BertModel(cut.backbone.config)
     resize_to_pruned(fresh)
@@ -109,7 +141,7 @@ def test_smollm2_masked_twin_is_sensitive_to_which_heads(smollm2_4_layers):
 
 
 def test_removing_every_head_is_refused(minilm):
-    model, _ = minilm
+    model, _, _ = minilm
     with pytest.raises(NetshrinkError) as info:
         prune_(model, Structured(ratio=0.5, per_group={"*layer.2.attention.heads": 1.0}))
     assert info.value.where == "backbone.encoder.layer.2.attention.heads" and "zero attention heads" in info.value.what

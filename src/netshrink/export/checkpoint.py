@@ -71,7 +71,7 @@ def _hooks(model: nn.Module) -> dict[str, Any]:
             qual = getattr(hook, "__qualname__", type(hook).__name__)
             if not getattr(hook, "__module__", "").startswith("netshrink."):
                 continue
-            if name == "" and qual.startswith("_cast_io."):
+            if name == "" and qual.startswith("cast_io."):
                 dtype = _cast_dtype(hook)
                 found["io_cast"] = dtype or found["io_cast"]
                 continue
@@ -81,7 +81,7 @@ def _hooks(model: nn.Module) -> dict[str, Any]:
 
 
 def _cast_dtype(hook: Any) -> str | None:
-    """The dtype a netshrink `_cast_io` pre-hook casts floating inputs to (the post-hook holds none)."""
+    """The dtype a netshrink `cast_io` pre-hook casts floating inputs to (the post-hook holds none)."""
     for cell in hook.__closure__ or ():
         if isinstance(cell.cell_contents, torch.dtype):
             return str(cell.cell_contents).removeprefix("torch.")
@@ -253,12 +253,12 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None) -> 
 def _restore_runtime(model: nn.Module, runtime: dict[str, Any], where: str) -> None:
     """Re-register the whole-model cast hooks and re-compile, as the saved model ran."""
     if runtime.get("io_cast"):
-        from netshrink.quant.api import _cast_io
+        from netshrink.quant.api import cast_io
 
         dtype = getattr(torch, str(runtime["io_cast"]), None)
         if not isinstance(dtype, torch.dtype):
             raise NetshrinkError(f"unknown input cast dtype {runtime['io_cast']!r}", where=where)
-        pre, post = _cast_io(dtype)
+        pre, post = cast_io(dtype)
         model.register_forward_pre_hook(pre, with_kwargs=True)
         model.register_forward_hook(post)
     if runtime.get("compiled"):

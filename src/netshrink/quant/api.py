@@ -186,7 +186,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _cast_io(dtype: torch.dtype):
+def cast_io(dtype: torch.dtype):
     """Root hooks for a whole-model cast: floating inputs cast to `dtype`, floating outputs back to FP32."""
 
     def cast(value: Any, to: torch.dtype) -> Any:
@@ -270,7 +270,7 @@ def quantize_(model: nn.Module, config: Config, calibration: Any = None, inplace
         model.to(dtype)
         for name, module in kept.items():                        # skipped layers stay FP32 behind casts
             _set_module(model, name, CastLayer(module.float(), torch.float32))
-        pre, post = _cast_io(dtype)
+        pre, post = cast_io(dtype)
         model.register_forward_pre_hook(pre, with_kwargs=True)
         model.register_forward_hook(post)
         label = "bf16" if dtype == torch.bfloat16 else "fp16"

@@ -24,7 +24,7 @@ from torch import nn
 
 from netshrink.errors import NetshrinkError
 from netshrink.quant import kernels
-from netshrink.quant.primitives import QScheme, quantize_fp8, quantize_tensor
+from netshrink.quant.primitives import QScheme, compute_qparams, quantize_fp8, quantize_tensor
 
 WEIGHT_SCHEME = QScheme(bits=8, symmetric=True, signed=True, granularity="channel", axis=0)
 MODES = ("dynamic", "static")
@@ -61,8 +61,6 @@ class _Int8Base(nn.Module):
             if input_range is None:
                 raise NetshrinkError("static quantization needs a calibrated input range", where=where)
             scheme = QScheme(bits=8, symmetric=act_symmetric, signed=True)
-            from netshrink.quant.primitives import compute_qparams
-
             s, z = compute_qparams(input_range[0], input_range[1], scheme)
             self.register_buffer("input_scale", s.float().reshape(()))
             self.register_buffer("input_zero_point", z.to(torch.int32).reshape(()))

@@ -374,6 +374,13 @@ def _update_best(out_dir: Path, state: dict[str, Any]) -> None:
     state["best"] = best["name"]
 
 
+def pruned_fraction(trial: dict[str, Any]) -> float:
+    """How much the trial pruned: its recipe's prune sparsity (channels for structured), or the zero fraction."""
+    levels = [body.get("sparsity", 0.5 if body.get("method") == "nm" else 0.0)
+              for item in trial.get("recipe", {}).get("stages", []) for kind, body in item.items() if kind == "prune"]
+    return max([float(trial.get("sparsity", 0.0))] + levels)
+
+
 def _write_report(result: TuneResult, state: dict[str, Any]) -> dict[str, Path]:
     from netshrink.report import Report, Table, write_report
     from netshrink.report.plots import (pareto_figure, quality_vs_level_figure, sensitivity_heatmap_figure,
@@ -387,7 +394,7 @@ def _write_report(result: TuneResult, state: dict[str, Any]) -> dict[str, Path]:
     rows = [["baseline (fp32)", base["quality"], 0.0, base_ms, 1.0, base["weight_mib"], base["sparsity"], 32, "-",
              ""]]
     rows += [[t["name"], t["quality"], result.drop_text(t["drop"]), t["latency_ms"], t["speedup"], t["weight_mib"],
-              t["sparsity"], t.get("bits"), t["meets"], "chosen" if t["name"] == best else ""] for t in ok]
+              pruned_fraction(t), t.get("bits"), t["meets"], "chosen" if t["name"] == best else ""] for t in ok]
     rows += [[t["name"], None, None, None, None, None, None, None, "failed", t["error"]] for t in result.trials
              if "error" in t]
     floor = base["quality"] - (result.max_drop if result.absolute else result.max_drop * abs(base["quality"]))
@@ -398,17 +405,17 @@ def _write_report(result: TuneResult, state: dict[str, Any]) -> dict[str, Path]:
     for t in ok:
         label = f"{t.get('bits', 32)}-bit"
         xs, ys = series.setdefault(label, ([], []))
-        xs.append(t["sparsity"])
+        xs.append(pruned_fraction(t))
         ys.append(t["quality"])
     series = {k: tuple(zip(*sorted(zip(*v)))) for k, v in series.items()}
-    figures.append((f"{metric} vs weight sparsity, one line per weight bit width (dashed: baseline)",
-                    quality_vs_level_figure(series, "weight sparsity (fraction of zero weights)", metric,
+    figures.append((f"{metric} vs sparsity (pruned fraction), one line per weight bit width (dashed: baseline)",
+                    quality_vs_level_figure(series, "sparsity: fraction of weights / channels pruned", metric,
                                             base["quality"])))
     figures.append(("Weight memory of every variant (MiB)", size_memory_figure(
         ["baseline"] + [t["name"] for t in ok], [base["weight_mib"]] + [t["weight_mib"] for t in ok],
         title="Weight memory (MiB)")))
     tables = [Table("Trials side by side", ["variant", metric, "drop", "latency b1 (ms)", "speedup", "weights (MiB)",
-                                            "sparsity", "bits", "meets budget", "note"], rows,
+                                            "pruned", "bits", "meets budget", "note"], rows,
                     notes="Latencies are batch-1 medians on one thread, each trial timed interleaved with the baseline "
                           "in one process (netshrink.bench.compare); the starting point and every trial that met the "
                           "budget were re-timed together at the end, and that comparison chose the best.")]

@@ -32,6 +32,7 @@ class Distill:
     block_weight: float = 1.0
     cosine_weight: float = 1.0
     cache_teacher: bool = True
+    cosine_decay: bool = True  # learning rate follows half a cosine from lr to 0 over the steps
 
 
 def matching_blocks(student: nn.Module, teacher: nn.Module) -> list[str]:
@@ -101,6 +102,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], conf
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=config.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps) if config.cosine_decay else None
     mask_hook = keep_masks_after_step(optimizer, student)
     s_store: dict[str, torch.Tensor] = {}
     t_store: dict[str, torch.Tensor] = {}
@@ -129,6 +131,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], conf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(step, losses[-1])

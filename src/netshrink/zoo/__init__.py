@@ -12,7 +12,8 @@ __all__ = ["load", "ZooModel", "SentenceEncoder", "DigitCNN", "BUILTIN"]
 
 
 def load(spec: str, weights: str | None = None) -> ZooModel:
-    """Load a built-in name (minilm, smollm2, digit-cnn), a HF folder, a .gguf/.pt/.ts/.onnx file, or module:attr."""
+    """Load a built-in name (minilm, smollm2, digit-cnn), a netshrink checkpoint or HF folder, a .gguf/.pt/.ts/.onnx
+    file, or module:attr."""
     from netshrink.zoo import user
 
     quiet_transformers()
@@ -21,6 +22,10 @@ def load(spec: str, weights: str | None = None) -> ZooModel:
         return BUILTIN[name]()
     path = Path(spec)
     if path.is_dir():
+        from netshrink.export.checkpoint import is_checkpoint, load_checkpoint_entry
+
+        if is_checkpoint(path):
+            return load_checkpoint_entry(path)
         if not (path / "config.json").exists():
             raise NetshrinkError("folder has no config.json, so it is not a Hugging Face model folder", where=spec)
         return user.load_hf_dir(path)
