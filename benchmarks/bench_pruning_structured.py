@@ -62,16 +62,16 @@ def torch_pruning_cnn(model: nn.Module, inputs: tuple) -> nn.Module:
 
 def masked_with_torch_prune(model: nn.Module, config: Structured, inputs: tuple | None = None,
                             calibration: list | None = None) -> nn.Module:
-    """torch.nn.utils.prune.custom_from_mask with exactly the units netshrink cuts: same outputs, same shapes."""
-    from netshrink.sparsity.masks import get_mask, masked_modules
+    """torch.nn.utils.prune.custom_from_mask with exactly the units netshrink cuts (and the same bias
+    compensation): same outputs as the cut model before recovery, same shapes as the original."""
+    from netshrink.sparsity.masks import get_mask, make_permanent, masked_modules
 
     twin = prune_(model, dataclasses.replace(config, physical=False), example_inputs=inputs, calibration=calibration)
-    out = copy.deepcopy(model)
-    for name, module in masked_modules(twin).items():
-        for tensor in ("weight", "bias"):
-            mask = get_mask(module, tensor)
-            if mask is not None:
-                tprune.custom_from_mask(out.get_submodule(name), tensor, mask)
+    masks = {(name, t): get_mask(module, t).clone() for name, module in masked_modules(twin).items()
+             for t in ("weight", "bias") if get_mask(module, t) is not None}
+    out = make_permanent(twin)
+    for (name, tensor), mask in masks.items():
+        tprune.custom_from_mask(out.get_submodule(name), tensor, mask)
     return out.eval()
 
 
