@@ -3,7 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@" tests
+.venv/bin/python -m pytest -p no:cacheprovider --timeout=900 "$@" tests
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "test: pytest collected no tests" >&2

@@ -187,3 +187,22 @@ def test_wanda_scores_and_masks_against_float64():
     assert torch.all(nm.reshape(8, 4, 4).sum(-1) == 2)
     with pytest.raises(NetshrinkError):
         prune_mask(score[:, :6], 0, "2:4")
+
+
+@pytest.mark.parametrize("config", [GPTQ(4, None, act_order=False), GPTQ(4, 32, act_order=True, static_groups=True),
+                                    GPTQ(3, 32, act_order=False, symmetric=True)])
+def test_gptq_keeps_pruned_weights_at_zero(config):
+    """GPTQ after 2:4 pruning: zeros stay exactly zero (the 2:4 pattern survives) and the kept weights absorb the
+    error, beating round-to-nearest of the same sparse weight on the layer objective."""
+    torch.manual_seed(2)
+    W = torch.randn(32, 64)
+    X = correlated_inputs()
+    keep = torch.zeros_like(W, dtype=torch.bool).view(32, 16, 4)
+    keep[..., :2] = True  # keep 2 of every 4
+    W = W * keep.view(32, 64)
+    qw, _ = gptq_quantize(W, 2 * X.t() @ X / X.shape[0], config)
+    Q = qw.dequantize()
+    assert torch.equal(Q == 0, (W == 0) | (Q == 0)) and bool((Q[W == 0] == 0).all())
+    assert int((Q.view(32, 16, 4) != 0).sum(-1).max()) <= 2
+    rtn = quantize_weight(W, config.bits, config.group_size, config.symmetric).dequantize()
+    assert objective(W, Q, X) < objective(W, rtn, X)

@@ -68,6 +68,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQ, where: str = "
     H = H.detach().clone().float()
     out_f, cols = W.shape
     bits, sym, gs = config.bits, config.symmetric, config.group_size
+    # Weights already pruned (SparseGPT, Wanda, 2:4) stay exactly zero: each is "quantized" to the zero code and its
+    # error is pushed onto the kept weights like any rounding error, so GPTQ after pruning keeps the sparsity pattern.
+    pruned = W == 0
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -84,7 +87,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQ, where: str = "
     perm = torch.arange(cols)
     if config.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H, pruned = W[:, perm], H[perm][:, perm], pruned[:, perm]
     invperm = torch.argsort(perm)
 
     Hinv, damp = inverse_hessian_cholesky(H, config.damp, config.damp_retries, where)
@@ -103,6 +106,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQ, where: str = "
                 scales[g], zeros[g] = slice_qparams(ahead, bits, sym)
             w, d = W1[:, i], Hinv1[i, i]
             q, wq = round_slice(w, scales[g], zeros[g], bits, sym)
+            keep_zero = pruned[:, col]
+            if keep_zero.any():
+                q = torch.where(keep_zero, zeros[g].reshape(-1).to(q.dtype), q)
+                wq = torch.where(keep_zero, torch.zeros_like(wq), wq)
             codes[:, col] = q
             losses += (w - wq) ** 2 / d ** 2 / 2
             err = (w - wq) / d
