@@ -17,6 +17,8 @@ from typing import Any
 # and torch's pytree logs a deprecation for torchao's enums: neither concerns users, so keep them out of the output.
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+# A compiled encoder meets many sequence lengths during evaluation; dynamo's recompilation notices are not for users.
+logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -84,6 +84,18 @@ def test_llama_cpp_runs_the_export_like_netshrink(q8, smollm2):
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.99
 
+    # Perplexity of the same real prose under llama.cpp and under netshrink's model (which the export came from).
+    prose = smollm2.tokenizer(__import__("netshrink").data.prose("lee")).input_ids[:120]
+    llm.reset()
+    llm.eval(prose)
+    def ppl(logits: np.ndarray) -> float:
+        logits = logits[:-1] - logits[:-1].max(1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        return float(np.exp(-logp[np.arange(len(prose) - 1), prose[1:]].mean()))
+    ppl_llama = ppl(np.array(llm.scores[: len(prose)], dtype=np.float64))
+    ppl_netshrink = ppl(_logits(smollm2.model, torch.tensor([prose])).numpy().astype(np.float64))
+    assert abs(ppl_llama / ppl_netshrink - 1) < 0.03  # Q8_0 re-rounding of Q4_1-grid weights costs well under 3%
+
 
 def test_refuses_other_architectures_and_types(digit_cnn, smollm2, tmp_path):
     with pytest.raises(NetshrinkError, match="cannot be expressed by this GGUF exporter"):

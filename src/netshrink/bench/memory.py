@@ -31,8 +31,22 @@ def _reset_peak() -> bool:
         return False
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand glibc's freed pages back to the OS, so growth is measured from a settled baseline
+    (otherwise memory freed by earlier work is reused silently and a later peak looks like zero growth)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_during(fn: Callable[[], T], poll_s: float = 0.005) -> tuple[T, dict[str, float]]:
     """Run `fn` and return its result with RSS before, peak during, and the growth, in MiB."""
+    release_free_memory()
     process = psutil.Process()
     before = process.memory_info().rss
     kernel_peak = _reset_peak()
