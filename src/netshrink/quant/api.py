@@ -12,7 +12,7 @@ import fnmatch
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -133,12 +133,27 @@ def _run(model: nn.Module, batch: Any) -> None:
 
 
 @torch.no_grad()
+def feed_calibration(model: nn.Module, pre_hooks: dict[str, Callable], calibration: Any, where: str) -> None:
+    """Run every calibration batch through `model` with forward pre-hooks on the named layers (removed after);
+    an empty calibration set is an error, since nothing would have been observed."""
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook) for name, hook in pre_hooks.items()]
+    seen = 0
+    try:
+        for batch in _batches(calibration):
+            _run(model, batch)
+            seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if seen == 0:
+        raise NetshrinkError("the calibration set is empty", where=where, hint="pass at least one batch of real inputs")
+
+
 def calibrate(model: nn.Module, layers: dict[str, Int8Static], calibration: Any) -> dict[str, tuple]:
     """Run `calibration` batches through `model` and return each layer's observed input range (min, max)."""
     if calibration is None:
         raise NetshrinkError("static quantization needs calibration data", where="quantize_",
                              hint="pass calibration=[batch, ...] (a few hundred real samples)")
-    modules = dict(model.named_modules())
     observers = {name: ObserverSpec(cfg.observer, percentile=cfg.percentile).build(QScheme(), name)
                  for name, cfg in layers.items()}
 
@@ -151,18 +166,7 @@ def calibrate(model: nn.Module, layers: dict[str, Int8Static], calibration: Any)
             observers[name].update(x)
         return hook
 
-    handles = [modules[name].register_forward_pre_hook(hook_for(name)) for name in layers]
-    seen = 0
-    try:
-        for batch in _batches(calibration):
-            _run(model, batch)
-            seen += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-    if seen == 0:
-        raise NetshrinkError("the calibration set is empty", where="quantize_",
-                             hint="pass at least one batch of real inputs")
+    feed_calibration(model, {name: hook_for(name) for name in layers}, calibration, where="quantize_")
     ranges = {}
     for name, obs in observers.items():
         if obs.batches == 0:

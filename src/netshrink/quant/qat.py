@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netshrink.errors import NetshrinkError
-from netshrink.quant.api import REPORT_ATTR, QuantReport, _batches, _run, _set_module
+from netshrink.quant.api import REPORT_ATTR, QuantReport, _set_module, feed_calibration
 from netshrink.quant.fold import fold_batchnorms
 from netshrink.quant.modules import Int8Conv2d, Int8Linear
 from netshrink.record import note
@@ -155,17 +155,7 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, calibration: 
             highs[name] = max(highs[name], float(x.max()))
         return hook
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
-    seen = 0
-    try:
-        for batch in _batches(calibration):
-            _run(model, batch)
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if seen == 0:
-        raise NetshrinkError("the calibration set is empty", where="prepare_qat")
+    feed_calibration(model, {n: hook_for(n) for n in names}, calibration, where="prepare_qat")
     for name in names:
         layer = _QATLayer(model.get_submodule(name), config, name)
         if lows[name] == math.inf:
