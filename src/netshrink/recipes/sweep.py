@@ -22,23 +22,32 @@ class Point:
     seed: int = 0
 
 
-def run_point(point: Point) -> dict[str, Any]:
-    """Measure one point (top level, so process pools and Ray can pickle it); seeded from the point itself."""
+def _quality_with_one_layer_changed(model: str, layer: str, kind: str, stage: dict[str, Any], task: str,
+                                    n: int | None, seed: int) -> tuple[float, str]:
+    """Apply one recipe stage (`kind`: prune | quantize) to `layer` alone of a freshly loaded zoo model, then
+    measure it; every other Linear/Conv2d is excluded, so the score isolates that layer's sensitivity."""
     from netshrink import zoo
     from netshrink.recipes.measure import quality_of
     from netshrink.recipes.runner import compress
 
-    torch.manual_seed(point.seed)
+    torch.manual_seed(seed)
     torch.set_num_threads(1)
-    entry = zoo.load(point.model)
-    recipe = {"name": "scan", "stages": [{"prune": {"method": "magnitude", "scope": "layer",
-                                                    "sparsity": point.sparsity}}]}
+    entry = zoo.load(model)
+    stage = dict(stage)
     others = [name for name, m in entry.model.named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name != point.layer]
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name != layer]
     if others:
-        recipe["stages"][0]["prune"]["exclude"] = others
-    result = compress(entry, recipe)
-    quality, metric, _ = quality_of(result.entry, point.task, point.n)
+        stage["exclude"] = others
+    result = compress(entry, {"name": "scan", "stages": [{kind: stage}]})
+    quality, metric, _ = quality_of(result.entry, task, n)
+    return quality, metric
+
+
+def run_point(point: Point) -> dict[str, Any]:
+    """Measure one point (top level, so process pools and Ray can pickle it); seeded from the point itself."""
+    stage = {"method": "magnitude", "scope": "layer", "sparsity": point.sparsity}
+    quality, metric = _quality_with_one_layer_changed(point.model, point.layer, "prune", stage, point.task,
+                                                      point.n, point.seed)
     return {"layer": point.layer, "sparsity": point.sparsity, "metric": metric, "quality": quality}
 
 
@@ -63,20 +72,9 @@ class QuantPoint:
 
 def run_quant_point(point: QuantPoint) -> dict[str, Any]:
     """Quality with only `point.layer` quantized (eager kernels; every other layer stays float)."""
-    from netshrink import zoo
-    from netshrink.recipes.measure import quality_of
-    from netshrink.recipes.runner import compress
-
-    torch.manual_seed(point.seed)
-    torch.set_num_threads(1)
-    entry = zoo.load(point.model)
-    stage: dict[str, Any] = {"method": point.method, "backend": "eager"}
-    others = [name for name, m in entry.model.named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name != point.layer]
-    if others:
-        stage["exclude"] = others
-    result = compress(entry, {"name": "scan", "stages": [{"quantize": stage}]})
-    quality, metric, _ = quality_of(result.entry, point.task, point.n)
+    stage = {"method": point.method, "backend": "eager"}
+    quality, metric = _quality_with_one_layer_changed(point.model, point.layer, "quantize", stage, point.task,
+                                                      point.n, point.seed)
     return {"layer": point.layer, "method": point.method, "metric": metric, "quality": quality}
 
 
