@@ -228,3 +228,22 @@ def test_pack_lm_head(tiny_llama, calib_ids):
         assert 0 < rel < (0.001 if bits == 8 else 0.05), rel
     with pytest.raises(NetshrinkError, match="not a Linear"):
         pack_lm_head(packed)
+
+
+def test_copy_to_is_byte_exact_across_shards_and_chunks(tmp_path):
+    """Non-block tensors are copied by plain reads (no memory map); the copy must equal the source exactly."""
+    from safetensors.torch import save_file
+
+    from netshrink.llm.safetensors_io import ShardedCheckpoint
+
+    src = tmp_path / "src"
+    src.mkdir()
+    a = {"embed.weight": torch.randn(37, 5), "norm.weight": torch.randn(5).bfloat16()}
+    b = {"codes": torch.randint(-128, 127, (3, 7), dtype=torch.int8), "scalar": torch.tensor(2.5)}
+    save_file(a, str(src / "a.safetensors"))
+    save_file(b, str(src / "b.safetensors"))
+    ckpt = ShardedCheckpoint(src)
+    ckpt.copy_to(["scalar", "embed.weight", "codes", "norm.weight"], tmp_path / "rest.safetensors", chunk_bytes=24)
+    got = load_file(tmp_path / "rest.safetensors")
+    for name, tensor in {**a, **b}.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name

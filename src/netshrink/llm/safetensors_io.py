@@ -17,8 +17,9 @@ from netshrink.atomic import atomic_file
 from netshrink.errors import NetshrinkError
 
 INDEX = "model.safetensors.index.json"
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I8": torch.int8,
-                      "U8": torch.uint8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
 
 
 class ShardedCheckpoint:
@@ -47,19 +48,30 @@ class ShardedCheckpoint:
         return list(self.weight_map)
 
     def load(self, names: Iterable[str], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
-        """The named tensors (each shard opened once, closed after)."""
-        by_file: dict[str, list[str]] = {}
+        """The named tensors, read with plain file reads (no memory map, so no file pages stay resident)."""
+        out = {}
         for n in names:
             if n not in self.weight_map:
                 raise NetshrinkError(f"tensor {n!r} not in checkpoint", where=str(self.folder))
-            by_file.setdefault(self.weight_map[n], []).append(n)
-        out = {}
-        for f, ns in by_file.items():
-            with safe_open(self.folder / f, "pt") as handle:
-                for n in ns:
-                    t = handle.get_tensor(n)
-                    out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            t = self.read(n)
+            out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, its bytes read straight into a new tensor."""
+        dtype, shape, (begin, end), source = self.raw_location(name)
+        if dtype not in DTYPES:
+            raise NetshrinkError(f"tensor {name!r} has unsupported dtype {dtype}", where=str(source))
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        with open(source, "rb", buffering=0) as fh:
+            fh.seek(begin)
+            view, got = memoryview(raw.numpy()), 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise NetshrinkError(f"checkpoint shard is truncated inside {name!r}", where=str(source))
+                got += n
+        return raw.view(DTYPES[dtype]).reshape(shape)
 
     def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` of a 2-d tensor (e.g. embeddings of the calibration tokens), read one slice each."""
@@ -72,26 +84,42 @@ class ShardedCheckpoint:
             sl = handle.get_slice(name)
             return sl.get_dtype(), list(sl.get_shape())
 
-    def copy_to(self, names: list[str], path: Path, chunk_rows: int = 4096) -> None:
-        """Write the named tensors unchanged into one new safetensors file, streaming row chunks (atomic)."""
+    def copy_to(self, names: list[str], path: Path, chunk_bytes: int = 1 << 20) -> None:
+        """Write the named tensors unchanged into one new safetensors file (atomic).
+
+        Bytes are copied with plain reads in chunks, not through a memory map: pages touched through a map count in
+        the process's resident set, so mapping a 100 MB embedding table would grow peak memory by its full size.
+        """
         header, offset, specs = {}, 0, []
         for n in names:
-            dtype, shape = self.info(n)
-            nbytes = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
-            for d in shape:
-                nbytes *= d
-            header[n] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
-            specs.append((n, shape))
-            offset += nbytes
+            dtype, shape, (begin, end), source = self.raw_location(n)
+            header[n] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + end - begin]}
+            specs.append((source, begin, end))
+            offset += end - begin
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * ((-len(blob)) % 8)
+        buffer = bytearray(chunk_bytes)
         with atomic_file(path, overwrite=True) as tmp, open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(blob)))
             fh.write(blob)
-            for n, shape in specs:
-                with safe_open(self.folder / self.weight_map[n], "pt") as handle:
-                    sl = handle.get_slice(n)
-                    rows = shape[0] if shape else 1
-                    for a in range(0, rows, chunk_rows):
-                        t = sl[a: a + chunk_rows] if shape else handle.get_tensor(n)
-                        fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            for source, begin, end in specs:
+                with open(source, "rb", buffering=0) as src:
+                    src.seek(begin)
+                    left = end - begin
+                    while left:
+                        got = src.readinto(memoryview(buffer)[:min(left, chunk_bytes)])
+                        if not got:
+                            raise NetshrinkError("checkpoint shard is truncated", where=str(source))
+                        fh.write(memoryview(buffer)[:got])
+                        left -= got
+
+    def raw_location(self, name: str) -> tuple[str, list[int], tuple[int, int], Path]:
+        """(dtype, shape, absolute byte range, shard path) of one tensor, read from its shard's header."""
+        source = self.folder / self.weight_map[name]
+        with open(source, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            meta = json.loads(fh.read(length))
+        if name not in meta:
+            raise NetshrinkError(f"tensor {name!r} not in its shard", where=str(source))
+        begin, end = meta[name]["data_offsets"]
+        return meta[name]["dtype"], list(meta[name]["shape"]), (8 + length + begin, 8 + length + end), source

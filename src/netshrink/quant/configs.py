@@ -39,7 +39,7 @@ class Int8Dynamic:
     overrides: dict[str, Any] = field(default_factory=dict)
     fold_bn: bool = True
     backend: str = "auto"
-    attention: str = "fp32"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         _check_backend(self.backend)
