@@ -6,7 +6,8 @@ KV cache, the bytes it reads, and the share of its floor it reaches. Models: Smo
 Llama of ~0.5 B parameters (random weights: speed does not depend on them), where weight reading dominates the
 per-layer Python overhead. Plus single Linears (4096x4096 and SmolLM2's shapes): the kernels alone.
 
-The packed variants pack the LM head too (`pack_lm_head`): see `variants`.
+The packed variants pack the LM head too (`pack_lm_head`): see `variants`. Where llama-cpp-python is installed,
+llama.cpp decodes SmolLM2's own GGUF and netshrink's GGUF exports of it in the same rounds (weight bytes = file size).
 
     .venv/bin/python benchmarks/bench_llm_decode.py [--quick] [--threads N]
 """
@@ -14,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
+import tempfile
+from pathlib import Path
 import statistics
 import time
 import warnings
@@ -51,23 +55,66 @@ def step_time(model, steps: int, prompt: int = 16) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def bench_models(name: str, model, bandwidth: float, rounds: int, steps: int, quick: bool) -> None:
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) decoding a GGUF file at batch 1, timed like `step_time`."""
+
+    def __init__(self, path: Path, threads: int):
+        from llama_cpp import Llama
+
+        self.path = path
+        self.llm = Llama(model_path=str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads,
+                         n_batch=64, verbose=False)
+
+    def step_time(self, steps: int, prompt: int = 16) -> float:
+        self.llm.reset()
+        self.llm.eval(list(range(100, 100 + prompt)))
+        token = 200
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.llm.eval([token])
+            token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+        return (time.perf_counter() - t0) / steps
+
+
+def gguf_variants(entry, folder: Path) -> dict[str, LlamaCpp]:
+    """llama.cpp on SmolLM2's own Q4_1 GGUF and on netshrink's GGUF exports (Q8_0, Q4_0) of the same model."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama-cpp-python is not installed: no llama.cpp rows")
+        return {}
+    from netshrink.export import export
+    from netshrink.zoo.builtin import smollm2_path
+
+    threads = torch.get_num_threads()
+    out = {"llama.cpp, package GGUF Q4_1": LlamaCpp(smollm2_path(), threads)}
+    for scheme in ("Q8_0", "Q4_0"):
+        path = export(entry, "gguf", folder / f"smollm2-{scheme}.gguf", scheme=scheme)
+        out[f"llama.cpp, netshrink GGUF {scheme}"] = LlamaCpp(path, threads)
+    return out
+
+
+def bench_models(name: str, model, bandwidth: float, rounds: int, steps: int, quick: bool,
+                 extra: dict | None = None) -> None:
     vs = variants(model, quick)
+    vs.update(extra or {})
     for m in vs.values():
-        step_time(m, 2)  # builds kernel layouts, warms caches
+        timed(m, 2)  # builds kernel layouts, warms caches
     times: dict[str, list[float]] = {k: [] for k in vs}
     for _ in range(rounds):
         for k, m in vs.items():
-            times[k].append(step_time(m, steps))
+            times[k].append(timed(m, steps))
     base = statistics.median(times["FP32"])
     print(f"\n### {name} (bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads)\n")
     print("| variant | weight MB/token | tokens/s | floor tokens/s | % of floor | speed-up vs FP32 |")
     print("|---|---|---|---|---|---|")
     for k, m in vs.items():
         t = statistics.median(times[k])
-        wb = weight_bytes_per_token(m)
+        wb = m.path.stat().st_size if isinstance(m, LlamaCpp) else weight_bytes_per_token(m)
         floor = floor_tokens_per_s(wb, bandwidth)
         print(f"| {k} | {wb / 1e6:.1f} | {1 / t:.1f} | {floor:.1f} | {100 / t / floor:.0f}% | {base / t:.2f}x |")
+
+
+def timed(model, steps: int) -> float:
+    return model.step_time(steps) if isinstance(model, LlamaCpp) else step_time(model, steps)
 
 
 @torch.inference_mode()
@@ -126,7 +173,10 @@ def main() -> None:
     for n, k in shapes:
         bench_linear(n, k, bandwidth, rounds)
     from netshrink.zoo import load
-    bench_models("SmolLM2-135M", load("smollm2").model, bandwidth, rounds, steps, args.quick)
+    smol = load("smollm2")
+    with tempfile.TemporaryDirectory() as folder:
+        bench_models("SmolLM2-135M", smol.model, bandwidth, rounds, steps, args.quick,
+                     gguf_variants(smol, Path(folder)))
     if not args.quick:
         torch.manual_seed(0)
         cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,

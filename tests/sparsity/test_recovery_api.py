@@ -57,3 +57,18 @@ def test_cached_teacher_gives_the_same_training(digit_cnn, digits_batch):
     cached = distill(a, digit_cnn, batches, Distill(steps=7, lr=1e-3, cache_teacher=True))
     fresh = distill(b, digit_cnn, batches, Distill(steps=7, lr=1e-3, cache_teacher=False))
     assert cached == fresh and state_equal(a, b)
+
+
+def test_distillation_leaves_frozen_parameters_untouched():
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    student = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    first = student[0].weight.detach().clone()
+    last = student[2].weight.detach().clone()
+    batches = [(torch.randn(32, 8),) for _ in range(4)]
+    distill(student, teacher, batches, Distill(steps=10, lr=1e-2, frozen=("0.*",)))
+    assert torch.equal(student[0].weight, first)             # frozen by pattern
+    assert not torch.equal(student[2].weight, last)          # trained
+    assert student[0].weight.requires_grad and student[2].weight.requires_grad   # flags restored
+    with pytest.raises(NetshrinkError, match="frozen"):
+        distill(student, teacher, batches, Distill(steps=1, frozen=("*",)))

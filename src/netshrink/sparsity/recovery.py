@@ -5,6 +5,7 @@ The loss matches the outputs (MSE + cosine) and, where shapes agree, the outputs
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -33,6 +34,7 @@ class Distill:
     cosine_weight: float = 1.0
     cache_teacher: bool = True
     cosine_decay: bool = True  # learning rate follows half a cosine from lr to 0 over the steps
+    frozen: tuple[str, ...] = ()  # fnmatch patterns of parameter names left untrained (e.g. "*word_embeddings*")
 
 
 def matching_blocks(student: nn.Module, teacher: nn.Module) -> list[str]:
@@ -98,7 +100,13 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], conf
     student.eval()
     for p, _ in teacher_flags:
         p.requires_grad_(False)
-    params = [p for p in student.parameters()]
+    params = [p for name, p in student.named_parameters()
+              if not any(fnmatch.fnmatchcase(name, pattern) for pattern in config.frozen)]
+    if not params:
+        raise NetshrinkError("every parameter is frozen: nothing to train", where="Distill.frozen")
+    student_flags = [(p, p.requires_grad) for p in student.parameters()]
+    for p in student.parameters():
+        p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=config.lr)
@@ -142,5 +150,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], conf
         mask_hook.remove()
         for p, flag in teacher_flags:
             p.requires_grad_(flag)
+        for p, flag in student_flags:
+            p.requires_grad_(flag or any(p is q for q in params))
         teacher.train(teacher_mode)
     return losses
