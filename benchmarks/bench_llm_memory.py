@@ -29,6 +29,8 @@ def smollm2_checkpoint(folder: Path) -> tuple[Path, dict]:
     """SmolLM2 written as a sharded safetensors folder, one shard per block (from the packaged GGUF)."""
     from netshrink.zoo import load
 
+    if (folder / "config.json").exists():                # kept from an earlier run with the same --workdir
+        return folder, json.loads((folder / "config.json").read_text())
     model = load("smollm2").model
     config = model.config.to_dict()
     weight_map = {}
@@ -65,6 +67,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--larger-than-ram", type=float, default=None, metavar="GB")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of rtn,gptq")
+    parser.add_argument("--only-large", action="store_true", help="with --larger-than-ram: skip the SmolLM2-size rows")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="netshrink-mem-"))
     torch.manual_seed(0)
@@ -74,8 +78,8 @@ def main() -> None:
                                    "num_key_value_heads", "rms_norm_eps", "rope_theta", "tie_word_embeddings")
             if k in config}
     n = config["num_hidden_layers"]
-    ckpts = [("SmolLM2-135M", smol)]
-    depths = [2] if args.quick else [2, 4]
+    ckpts = [] if args.only_large else [("SmolLM2-135M", smol)]
+    depths = [] if args.only_large else [2] if args.quick else [2, 4]
     for mult in depths:
         ckpts.append((f"synthetic {mult}x depth", write_synthetic_checkpoint(
             work / f"synthetic{mult}x", dict(base, num_hidden_layers=n * mult))))
@@ -83,16 +87,20 @@ def main() -> None:
         h, i = 4096, 14336
         per_block = (2 * h * h + 2 * h * 1024 + 3 * h * i) * 4 / 1e9
         layers = int(args.larger_than_ram / per_block) + 1
-        ckpts.append((f"synthetic {layers} x 4096 blocks", write_synthetic_checkpoint(
-            work / "huge", dict(vocab_size=32000, hidden_size=h, intermediate_size=i, num_attention_heads=32,
+        huge = work / "huge"
+        ckpts.append((f"synthetic {layers} x 4096 blocks", huge if (huge / "config.json").exists() else write_synthetic_checkpoint(
+            huge, dict(vocab_size=32000, hidden_size=h, intermediate_size=i, num_attention_heads=32,
                                 num_key_value_heads=8, num_hidden_layers=layers, tie_word_embeddings=False))))
     methods = [("RTN W4 g128", RTN(4, 128), None), ("GPTQ W4 g128 (4x64 tokens)", GPTQ(4, 128), ids)]
     if args.quick:
         methods = methods[:1]
+    if args.methods:
+        methods = [m for m in methods if m[1].method in args.methods.split(",")]
     rows = []
     for label, folder in ckpts:
         cfg = json.loads((folder / "config.json").read_text())
         for mlabel, method, calib in methods:
+            calib = None if calib is None else calib % cfg["vocab_size"]   # ids inside this checkpoint's vocabulary
             out = work / f"out-{folder.name}-{method.method}"
             shutil.rmtree(out, ignore_errors=True)
             gc.collect()

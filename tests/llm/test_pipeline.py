@@ -247,3 +247,31 @@ def test_copy_to_is_byte_exact_across_shards_and_chunks(tmp_path):
     got = load_file(tmp_path / "rest.safetensors")
     for name, tensor in {**a, **b}.items():
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+
+
+def test_calibration_ids_outside_the_vocabulary_are_named(checkpoint, tmp_path):
+    ids = torch.full((1, 16), 300)                                  # the tiny checkpoint has 256 embedding rows
+    with pytest.raises(NetshrinkError, match="outside 'model.embed_tokens.weight', which has 256 rows"):
+        compress_checkpoint(checkpoint, tmp_path / "out", GPTQ(4, 32), ids)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config", [RTN(4, 32), RTN(8, None, symmetric=True), Magnitude(sparsity=0.5)])
+def test_weight_only_streaming_equals_whole_block(checkpoint, tmp_path, config):
+    """Without calibration each Linear is loaded, compressed and packed on its own: same tensors as the whole block."""
+    from netshrink.llm.pipeline import compress_block
+    from netshrink.llm.safetensors_io import ShardedCheckpoint
+    from netshrink.llm.stream import load_block, read_config
+
+    out = compress_checkpoint(checkpoint, tmp_path / "out", config)
+    arch, hf_config, _ = read_config(checkpoint)
+    ckpt = ShardedCheckpoint(checkpoint)
+    for i in range(hf_config.num_hidden_layers):
+        where = f"model.layers.{i}"
+        block = load_block(ckpt, arch, hf_config, i)
+        compress_block(block, None, None, config, where, True)
+        want = {f"{where}.{k}": v for k, v in block.state_dict().items()}
+        got = load_file(out / f"block-{i:05d}.safetensors")
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k

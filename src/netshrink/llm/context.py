@@ -23,6 +23,9 @@ class BlockContext:
     runner: BlockRunner
     where: str
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # called around each Linear a weight-only method compresses (streaming: load it first, pack it right after)
+    on_enter: Callable[[str], None] | None = None
+    on_exit: Callable[[str], None] | None = None
 
     def linear(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)
@@ -44,4 +47,8 @@ class BlockContext:
             stats = (self.runner.collect(self.block, self.inputs, list(group), want, self.where, max_samples)
                      if want else {})
             for name in group:
+                if self.on_enter is not None:
+                    self.on_enter(name)
                 fn(name, self.linear(name), stats.get(name))
+                if self.on_exit is not None:
+                    self.on_exit(name)

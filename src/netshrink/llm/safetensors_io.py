@@ -77,6 +77,12 @@ class ShardedCheckpoint:
         """Rows `index` of a 2-d tensor (e.g. embeddings of the calibration tokens), read one slice each."""
         with safe_open(self.folder / self.weight_map[name], "pt") as handle:
             sl = handle.get_slice(name)
+            n_rows = sl.get_shape()[0]
+            bad = [int(i) for i in index.tolist() if not 0 <= int(i) < n_rows]
+            if bad:
+                raise NetshrinkError(f"index {bad[0]} is outside {name!r}, which has {n_rows} rows",
+                                     where=str(self.folder),
+                                     hint="calibration token ids must be smaller than the vocabulary size")
             return torch.stack([sl[int(i): int(i) + 1][0] for i in index.tolist()]).float()
 
     def info(self, name: str) -> tuple[str, list[int]]:

@@ -9,6 +9,7 @@ atomically, so a killed run resumes from the last finished block and `out` appea
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from torch import nn
 from netshrink.atomic import atomic_file, refuse_existing
 from netshrink.errors import NetshrinkError
 from netshrink.llm.arch import LINEARS, arch_for
+from netshrink.llm.context import QWEIGHT_ATTR, BlockContext
 from netshrink.llm.calibration import calibration_ids
 from netshrink.llm.packed_linear import PackedLinear
 from netshrink.llm.pipeline import NEEDS_CALIBRATION, compress_block, method_of
@@ -56,8 +58,10 @@ def block_keys(arch, config, i: int) -> list[str]:
 def check_names(ckpt: ShardedCheckpoint, arch, config, src: Path) -> None:
     """Every tensor the architecture needs is in the checkpoint, and nothing under the blocks is unexpected."""
     need = {arch.embed + ".weight", arch.norm + ".weight"}
+    first = f"{arch.layers}.0."
+    local = [k[len(first):] for k in block_keys(arch, config, 0)]   # every block has the same names
     for i in range(config.num_hidden_layers):
-        need.update(block_keys(arch, config, i))
+        need.update(f"{arch.layers}.{i}.{k}" for k in local)
     if not getattr(config, "tie_word_embeddings", False):
         need.add(arch.lm_head + ".weight")
     have = set(ckpt.names())
@@ -93,6 +97,45 @@ def load_block(ckpt: ShardedCheckpoint, arch, config, i: int) -> nn.Module:
     prefix = f"{arch.layers}.{i}."
     block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, assign=True)
     return block.float().eval()
+
+
+def compress_block_lazily(ckpt: ShardedCheckpoint, arch, config, i: int, method_config: Any, where: str,
+                          pack: bool) -> tuple[nn.Module, dict[str, dict]]:
+    """A weight-only method (no calibration) on block i, one Linear at a time.
+
+    Each Linear is read from the checkpoint just before it is compressed and, with `pack`, swapped for its packed
+    form right after, so the block never holds all of its FP32 weights at once: peak memory is about the largest
+    Linear plus the packed block, under one FP32 block.
+    """
+    with torch.device("meta"):
+        block = arch.new_block(config, i)
+    prefix = f"{arch.layers}.{i}."
+    lazy = {f"{prefix}{name}.{p}" for name in LINEARS for p in ("weight", "bias")}
+    eager = [prefix + k for k in block.state_dict() if prefix + k not in lazy]
+    block.load_state_dict({k[len(prefix):]: v for k, v in ckpt.load(eager).items()}, strict=False, assign=True)
+    names = set(ckpt.names())
+
+    def enter(name: str) -> None:
+        parent_name, _, child = name.rpartition(".")
+        parent, old = block.get_submodule(parent_name), block.get_submodule(name)
+        key = f"{prefix}{name}"
+        layer = nn.Linear(old.in_features, old.out_features, bias=f"{key}.bias" in names, device="meta")
+        tensors = ckpt.load([f"{key}.weight"] + ([f"{key}.bias"] if layer.bias is not None else []))
+        layer.weight = nn.Parameter(tensors[f"{key}.weight"], requires_grad=False)
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(tensors[f"{key}.bias"], requires_grad=False)
+        setattr(parent, child, layer)
+
+    def exit_(name: str) -> None:
+        layer = block.get_submodule(name)
+        qw = getattr(layer, QWEIGHT_ATTR, None)
+        if pack and qw is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent_name), child, PackedLinear.from_quantized(qw, layer.bias))
+
+    ctx = BlockContext(block, None, None, where, on_enter=enter, on_exit=exit_)
+    method_of(method_config)(ctx, method_config)
+    return block.eval(), ctx.records
 
 
 @torch.no_grad()
@@ -134,8 +177,12 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike, config: 
         runner = BlockRunner(arch.rotary(hf_config), ids.shape[1], hidden.shape[-1], batch_size)
     for i in range(state["next_block"], n_blocks):
         where = f"{arch.layers}.{i}"
-        block = load_block(ckpt, arch, hf_config, i)
-        records, hidden = compress_block(block, hidden, runner, config, where, pack)
+        gc.collect()   # meta-device block construction leaves reference cycles behind (~1 MiB per block)
+        if ids is None:
+            block, records = compress_block_lazily(ckpt, arch, hf_config, i, config, where, pack)
+        else:
+            block = load_block(ckpt, arch, hf_config, i)
+            records, hidden = compress_block(block, hidden, runner, config, where, pack)
         shard = f"block-{i:05d}.safetensors"
         tensors = {f"{where}.{k}": v.contiguous() for k, v in block.state_dict().items()}
         with atomic_file(work / shard, overwrite=True) as tmp:
