@@ -80,10 +80,19 @@ def test_gptq_dead_inputs_and_cholesky_retry():
     H = B @ B.t() - 0.1 * torch.eye(16)  # slightly indefinite: 1% dampening is not enough, 10% is
     H[0, :] = 0.0
     H[:, 0] = 0.0  # a dead input
+    H_before = H.clone()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         qw, info = gptq_quantize(W, H, GPTQ(4, None, act_order=False, damp=0.01), where="layers.0.q")
+    assert torch.equal(H, H_before)      # the dampening is applied to GPTQ's own copy, never to the caller's H
     assert info["damp"] > 0.01
+    # the retried factor is the one of H + (final damp) * mean(diag) I, not of dampening added up over the attempts
+    from netshrink.llm.gptq import inverse_hessian_cholesky
+    H_live = H_before.clone()
+    H_live[0, 0] = 1
+    U, damp = inverse_hessian_cholesky(H_live.clone(), 0.01, 4, "x")
+    want = H_live + damp * torch.mean(torch.diag(H_live)) * torch.eye(16)
+    torch.testing.assert_close(U.t() @ U, torch.linalg.inv(want), rtol=1e-3, atol=1e-4)
     assert any("layers.0.q" in str(w.message) and "dampening" in str(w.message) for w in caught)
     assert torch.all(qw.dequantize()[:, 0] == 0)
     with pytest.raises(NetshrinkError, match="positive definite"):

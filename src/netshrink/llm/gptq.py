@@ -42,20 +42,28 @@ class GPTQ:
 
 
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float, retries: int, where: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp*mean(diag H) I)^-1, raising the dampening tenfold on each failure."""
-    mean_diag = torch.mean(torch.diag(H))
+    """Upper Cholesky factor of (H + damp*mean(diag H) I)^-1, raising the dampening tenfold on each failure.
+
+    H is the caller's own copy and is dampened in place; each intermediate (L, then H^-1) is freed as soon as the
+    next exists, so at most three [in, in] matrices are alive (H, L, H^-1), not five.
+    """
+    mean_diag = float(torch.mean(torch.diag(H)))
+    added = 0.0
     for attempt in range(retries + 1):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        H.diagonal().add_(damp * mean_diag - added)
+        added = damp * mean_diag
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0 and torch.isfinite(U).all():
                 if attempt:
                     warnings.warn(f"{where}: Cholesky of the Hessian failed; succeeded with dampening {damp:g}",
                                   stacklevel=3)
                 return U, damp
+            del U
         damp *= 10
     raise NetshrinkError(f"Hessian is not positive definite even with dampening {damp / 10:g}", where=where,
                          hint="use more calibration samples")
@@ -65,14 +73,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQ, where: str = "
                   ) -> tuple[QuantizedWeight, dict]:
     """Quantize weight W [out, in] against Hessian H [in, in]; returns the grid and {loss, damp}."""
     W = W.detach().clone().float()
-    H = H.detach().clone().float()
+    H = H.detach().float()          # the caller's; copied once below (permuted or not), never modified
     out_f, cols = W.shape
     bits, sym, gs = config.bits, config.symmetric, config.group_size
     # Weights already pruned (SparseGPT, Wanda, 2:4) stay exactly zero: each is "quantized" to the zero code and its
     # error is pushed onto the kept weights like any rounding error, so GPTQ after pruning keeps the sparsity pattern.
     pruned = W == 0
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    diag = torch.diag(H).clone()
+    dead = diag == 0
+    diag[dead] = 1                  # a dead input gets H_ii = 1 (in GPTQ's own copy of H, set after the copy)
     W[:, dead] = 0
 
     n_groups = -(-cols // gs) if gs else 1
@@ -86,11 +95,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQ, where: str = "
 
     perm = torch.arange(cols)
     if config.act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H, pruned = W[:, perm], H[perm][:, perm], pruned[:, perm]
+        perm = torch.argsort(diag, descending=True)
+        W, H, pruned, dead = W[:, perm], H[perm][:, perm], pruned[:, perm], dead[perm]
+    else:
+        H = H.clone()
+    H[dead, dead] = 1
     invperm = torch.argsort(perm)
 
     Hinv, damp = inverse_hessian_cholesky(H, config.damp, config.damp_retries, where)
+    del H
     codes = torch.zeros(out_f, cols, dtype=torch.uint8)
     losses = torch.zeros(out_f)
     for i1 in range(0, cols, config.block_size):
