@@ -103,3 +103,15 @@ def test_kernel_group_refuses_odd_groups():
 
     with pytest.raises(NetshrinkError, match="no int4 kernel layout"):
         kernel_group(48, 576)
+
+
+def test_chunked_dequantize_equals_the_one_pass_formula():
+    torch.manual_seed(0)
+    from netshrink.llm.grid import quantize_weight
+
+    w = torch.randn(37, 96)
+    qw = quantize_weight(w, 4, 32, False)
+    whole = (qw.codes.float() - qw.expand(qw.zeros.float())) * qw.expand(qw.scales.float())
+    for rows in (1, 5, 1024):
+        assert torch.equal(qw.dequantize(rows_per_chunk=rows), whole)
+    assert qw.dequantize(torch.bfloat16, rows_per_chunk=4).dtype == torch.bfloat16

@@ -36,10 +36,20 @@ class QuantizedWeight:
         """Repeat a per-group tensor [out, groups] over its columns [out, in]."""
         return t.repeat_interleave(self.group_size, dim=1)[:, : self.codes.shape[1]]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight this grid stands for: (code - zero) * scale."""
-        w = (self.codes.float() - self.expand(self.zeros.float())) * self.expand(self.scales.float())
-        return w.to(dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows_per_chunk: int = 1024) -> torch.Tensor:
+        """The float weight this grid stands for: (code - zero) * scale.
+
+        Computed in row chunks into one output, so the temporaries stay small next to the result (a 14336 x 4096
+        weight would otherwise hold three more float copies of itself at once).
+        """
+        out = torch.empty(self.codes.shape, dtype=dtype)
+        in_f = self.codes.shape[1]
+        for a in range(0, self.codes.shape[0], rows_per_chunk):
+            b = a + rows_per_chunk
+            zeros = self.zeros[a:b].float().repeat_interleave(self.group_size, dim=1)[:, :in_f]
+            scales = self.scales[a:b].float().repeat_interleave(self.group_size, dim=1)[:, :in_f]
+            out[a:b] = ((self.codes[a:b].float() - zeros) * scales).to(dtype)
+        return out
 
 
 def n_groups(in_features: int, group_size: int) -> int:
