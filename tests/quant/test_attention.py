@@ -24,7 +24,7 @@ def test_bf16_attention_matches_float64_across_chunks(monkeypatch, batch):
     q, k, v = (torch.randn(batch, 4, 16, 8) for _ in range(3))
     keep = torch.ones(batch, 16, dtype=torch.int64)
     keep[-1, 11:] = 0                                   # padding in the last sequence only
-    monkeypatch.setattr(attention, "SCORES_PER_CHUNK", 2 * 4 * 16 * 16)   # chunks of 2 sequences: 5 -> 2+2+1
+    monkeypatch.setattr(attention, "SCORES_PER_CHUNK", 2 * 4 * 128 * 128)   # chunks of 2 sequences: 5 -> 2+2+1
     out, _ = bf16_attention(None, q, k, v, padding_mask(batch, 16, 16, attention_mask=keep))
     want = reference(q, k, v, keep)
     assert out.shape == want.shape == (batch, 16, 4, 8)
@@ -34,6 +34,20 @@ def test_bf16_attention_matches_float64_across_chunks(monkeypatch, batch):
     monkeypatch.setattr(attention, "SCORES_PER_CHUNK", 1 << 30)
     whole, _ = bf16_attention(None, q, k, v, padding_mask(batch, 16, 16, attention_mask=keep))
     torch.testing.assert_close(out, whole, rtol=0, atol=1e-6)
+
+
+def test_compiled_attention_does_not_recompile_for_new_lengths():
+    """The chunking depends on the head count only: new sequence lengths reuse one dynamic graph (the demo's
+    quality evaluation feeds many lengths; specialising on each one hit torch.compile's recompile limit)."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    fn = torch.compile(lambda q, k, v, m: bf16_attention(None, q, k, v, m)[0], backend=counter, dynamic=True)
+    for seq in (16, 24, 40, 57):
+        q, k, v = (torch.randn(40, 2, seq, 8) for _ in range(3))       # 40 sequences: several chunks
+        keep = torch.ones(40, seq, dtype=torch.int64)
+        fn(q, k, v, padding_mask(40, seq, seq, attention_mask=keep))
+    assert counter.frame_count == 1
 
 
 def test_padding_bias_and_masked_keys_get_no_weight():
