@@ -73,3 +73,12 @@ def test_compiled_backend_matches_eager():
     assert quant_report(compiled).backend == "compile"
     with torch.no_grad():
         assert torch.allclose(compiled(x), eager(x), atol=1e-3)
+
+
+def test_compiling_raises_the_recompile_limit_for_several_variants():
+    """Variants of one model class share the compiled forward's cache; 8 entries would send later ones to eager."""
+    import torch._dynamo
+
+    model = nn.Sequential(nn.Linear(16, 16)).eval()
+    quantize_(model, Int8Dynamic(backend="compile"))
+    assert torch._dynamo.config.recompile_limit >= 64

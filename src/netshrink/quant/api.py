@@ -300,6 +300,10 @@ def quantize_(model: nn.Module, config: Config, calibration: Any = None, inplace
 
         use_bf16_attention(model)
     if backend == "compile":
+        # torch.compile keys its cache on the forward's code object, which every model of one class shares: a few
+        # quantized variants in one process (the demo, a sweep) each add their own entries, and the default limit
+        # of 8 then silently sends the later ones back to eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         model.compile(options={"freezing": True})
     report.backend = backend
     object.__setattr__(model, REPORT_ATTR, report)
