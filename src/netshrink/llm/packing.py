@@ -43,11 +43,9 @@ class QuantizedWeight:
         weight would otherwise hold three more float copies of itself at once).
         """
         out = torch.empty(self.codes.shape, dtype=dtype)
-        in_f = self.codes.shape[1]
         for a in range(0, self.codes.shape[0], rows_per_chunk):
             b = a + rows_per_chunk
-            zeros = self.zeros[a:b].float().repeat_interleave(self.group_size, dim=1)[:, :in_f]
-            scales = self.scales[a:b].float().repeat_interleave(self.group_size, dim=1)[:, :in_f]
+            zeros, scales = self.expand(self.zeros[a:b].float()), self.expand(self.scales[a:b].float())
             out[a:b] = ((self.codes[a:b].float() - zeros) * scales).to(dtype)
         return out
 

@@ -43,6 +43,7 @@ class ShardedCheckpoint:
         if missing:
             raise NetshrinkError(f"checkpoint shard(s) missing: {', '.join(missing)}", where=str(self.folder))
         self.weight_map: dict[str, str] = weight_map
+        self._headers: dict[Path, tuple[int, dict]] = {}
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -65,12 +66,7 @@ class ShardedCheckpoint:
         raw = torch.empty(end - begin, dtype=torch.uint8)
         with open(source, "rb", buffering=0) as fh:
             fh.seek(begin)
-            view, got = memoryview(raw.numpy()), 0
-            while got < len(view):
-                n = fh.readinto(view[got:])
-                if not n:
-                    raise NetshrinkError(f"checkpoint shard is truncated inside {name!r}", where=str(source))
-                got += n
+            _read_exact(fh, memoryview(raw.numpy()), source)
         return raw.view(DTYPES[dtype]).reshape(shape)
 
     def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
@@ -84,11 +80,6 @@ class ShardedCheckpoint:
                                      where=str(self.folder),
                                      hint="calibration token ids must be smaller than the vocabulary size")
             return torch.stack([sl[int(i): int(i) + 1][0] for i in index.tolist()]).float()
-
-    def info(self, name: str) -> tuple[str, list[int]]:
-        with safe_open(self.folder / self.weight_map[name], "pt") as handle:
-            sl = handle.get_slice(name)
-            return sl.get_dtype(), list(sl.get_shape())
 
     def copy_to(self, names: list[str], path: Path, chunk_bytes: int = 1 << 20) -> None:
         """Write the named tensors unchanged into one new safetensors file (atomic).
@@ -111,21 +102,34 @@ class ShardedCheckpoint:
             for source, begin, end in specs:
                 with open(source, "rb", buffering=0) as src:
                     src.seek(begin)
-                    left = end - begin
-                    while left:
-                        got = src.readinto(memoryview(buffer)[:min(left, chunk_bytes)])
-                        if not got:
-                            raise NetshrinkError("checkpoint shard is truncated", where=str(source))
-                        fh.write(memoryview(buffer)[:got])
-                        left -= got
+                    for at in range(begin, end, chunk_bytes):
+                        chunk = memoryview(buffer)[:min(chunk_bytes, end - at)]
+                        _read_exact(src, chunk, source)
+                        fh.write(chunk)
 
     def raw_location(self, name: str) -> tuple[str, list[int], tuple[int, int], Path]:
-        """(dtype, shape, absolute byte range, shard path) of one tensor, read from its shard's header."""
+        """(dtype, shape, absolute byte range, shard path) of one tensor, from its shard's header."""
         source = self.folder / self.weight_map[name]
-        with open(source, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            meta = json.loads(fh.read(length))
+        data_start, meta = self._header(source)
         if name not in meta:
             raise NetshrinkError(f"tensor {name!r} not in its shard", where=str(source))
         begin, end = meta[name]["data_offsets"]
-        return meta[name]["dtype"], list(meta[name]["shape"]), (8 + length + begin, 8 + length + end), source
+        return meta[name]["dtype"], list(meta[name]["shape"]), (data_start + begin, data_start + end), source
+
+    def _header(self, source: Path) -> tuple[int, dict]:
+        """(offset of the data, tensor table) of one shard, parsed once per shard."""
+        if source not in self._headers:
+            with open(source, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                self._headers[source] = (8 + length, json.loads(fh.read(length)))
+        return self._headers[source]
+
+
+def _read_exact(fh, view: memoryview, source: Path) -> None:
+    """Fill `view` from the file's current position; a short file is a truncated shard."""
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise NetshrinkError("checkpoint shard is truncated", where=str(source))
+        got += n

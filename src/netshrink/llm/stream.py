@@ -9,7 +9,6 @@ atomically, so a killed run resumes from the last finished block and `out` appea
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import os
@@ -113,18 +112,13 @@ def compress_block_lazily(ckpt: ShardedCheckpoint, arch, config, i: int, method_
     lazy = {f"{prefix}{name}.{p}" for name in LINEARS for p in ("weight", "bias")}
     eager = [prefix + k for k in block.state_dict() if prefix + k not in lazy]
     block.load_state_dict({k[len(prefix):]: v for k, v in ckpt.load(eager).items()}, strict=False, assign=True)
-    names = set(ckpt.names())
 
     def enter(name: str) -> None:
-        parent_name, _, child = name.rpartition(".")
-        parent, old = block.get_submodule(parent_name), block.get_submodule(name)
-        key = f"{prefix}{name}"
-        layer = nn.Linear(old.in_features, old.out_features, bias=f"{key}.bias" in names, device="meta")
-        tensors = ckpt.load([f"{key}.weight"] + ([f"{key}.bias"] if layer.bias is not None else []))
-        layer.weight = nn.Parameter(tensors[f"{key}.weight"], requires_grad=False)
-        if layer.bias is not None:
-            layer.bias = nn.Parameter(tensors[f"{key}.bias"], requires_grad=False)
-        setattr(parent, child, layer)
+        layer = block.get_submodule(name)            # still on the meta device: give it its real tensors
+        keys = {p: f"{prefix}{name}.{p}" for p, _ in layer.named_parameters()}
+        tensors = ckpt.load(keys.values())
+        for p, key in keys.items():
+            setattr(layer, p, nn.Parameter(tensors[key], requires_grad=False))
 
     def exit_(name: str) -> None:
         layer = block.get_submodule(name)
@@ -177,7 +171,6 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike, config: 
         runner = BlockRunner(arch.rotary(hf_config), ids.shape[1], hidden.shape[-1], batch_size)
     for i in range(state["next_block"], n_blocks):
         where = f"{arch.layers}.{i}"
-        gc.collect()   # meta-device block construction leaves reference cycles behind (~1 MiB per block)
         if ids is None:
             block, records = compress_block_lazily(ckpt, arch, hf_config, i, config, where, pack)
         else:

@@ -150,7 +150,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], conf
         mask_hook.remove()
         for p, flag in teacher_flags:
             p.requires_grad_(flag)
+        trained = {id(p) for p in params}
         for p, flag in student_flags:
-            p.requires_grad_(flag or any(p is q for q in params))
+            p.requires_grad_(flag or id(p) in trained)
         teacher.train(teacher_mode)
     return losses
