@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--larger-than-ram", type=float, default=None, metavar="GB")
     parser.add_argument("--methods", default=None, help="comma-separated subset of rtn,gptq")
     parser.add_argument("--only-large", action="store_true", help="with --larger-than-ram: skip the SmolLM2-size rows")
+    parser.add_argument("--no-warmup", action="store_true", help="measure the first compression in the process too")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="netshrink-mem-"))
     torch.manual_seed(0)
@@ -81,8 +82,9 @@ def main() -> None:
     ckpts = [] if args.only_large else [("SmolLM2-135M", smol)]
     depths = [] if args.only_large else [2] if args.quick else [2, 4]
     for mult in depths:
-        ckpts.append((f"synthetic {mult}x depth", write_synthetic_checkpoint(
-            work / f"synthetic{mult}x", dict(base, num_hidden_layers=n * mult))))
+        folder = work / f"synthetic{mult}x"     # kept from an earlier run with the same --workdir
+        ckpts.append((f"synthetic {mult}x depth", folder if (folder / "config.json").exists() else
+                      write_synthetic_checkpoint(folder, dict(base, num_hidden_layers=n * mult))))
     if args.larger_than_ram:
         h, i = 4096, 14336
         per_block = (2 * h * h + 2 * h * 1024 + 3 * h * i) * 4 / 1e9
@@ -97,6 +99,22 @@ def main() -> None:
     if args.methods:
         methods = [m for m in methods if m[1].method in args.methods.split(",")]
     rows = []
+    if not args.no_warmup:
+        # The first compression in a process pays one-time costs (code paths run for the first time, lazily imported
+        # modules, allocator set-up) that do not depend on the checkpoint: pay them on a 1-block checkpoint first
+        # and show them as their own row, so the rows below measure what each checkpoint itself needs.
+        tiny = work / "warmup1"
+        if not (tiny / "config.json").exists():
+            write_synthetic_checkpoint(tiny, dict(base, num_hidden_layers=1, vocab_size=1024))
+        for mlabel, method, calib in methods:
+            out = work / f"out-warmup-{method.method}"
+            shutil.rmtree(out, ignore_errors=True)
+            ids_in_vocab = None if calib is None else calib % 1024
+            _, mem = peak_rss_during(lambda: compress_checkpoint(tiny, out, method, ids_in_vocab))
+            rows.append(("warm-up: 1 block, first run in this process", mlabel, folder_mib(tiny), block_mib(base), mem,
+                         folder_mib(out)))
+            print(rows[-1], flush=True)
+            shutil.rmtree(out, ignore_errors=True)
     for label, folder in ckpts:
         cfg = json.loads((folder / "config.json").read_text())
         for mlabel, method, calib in methods:

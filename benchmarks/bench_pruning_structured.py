@@ -13,6 +13,7 @@ import argparse
 import copy
 import dataclasses
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.utils.prune as tprune
@@ -22,7 +23,8 @@ from netshrink import zoo
 from netshrink.bench import compare, count_flops
 from netshrink.data import digits, sentences
 from netshrink.eval import embed, embedding_fidelity, human_similarity
-from netshrink.sparsity import Distill, Structured, distill, prune_, structured_prune
+from netshrink.sparsity import (Distill, Structured, allocate_groups, distill, prune_, reconstruct_, scan_groups,
+                                structured_prune)
 
 
 def torch_pruning_minilm(encoder: nn.Module, inputs: tuple) -> nn.Module:
@@ -86,6 +88,80 @@ def text_batches(tok, texts: list[str], size: int = 32, seed: int = 0) -> list[t
     return [batches[i] for i in order]
 
 
+def austen_sentences(limit: int, seed: int = 0) -> list[str]:
+    """Sentences of 6 to 60 words from Jane Austen's six novels (Debian r-cran-janeaustenr), shuffled."""
+    import random
+    import re
+
+    from netshrink.data.text import AUSTEN_BOOKS, austen
+
+    found = []
+    for book in AUSTEN_BOOKS:
+        text = re.sub(r"\s+", " ", austen(book))
+        found += [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text) if 6 <= len(s.split()) <= 60]
+    random.Random(seed).shuffle(found)
+    return found[:limit]
+
+
+def unlabelled_sentences(limit: int, seed: int = 0) -> list[str]:
+    """Unlabelled training text for distillation: gensim's Wikipedia articles plus Jane Austen, shuffled."""
+    import random
+
+    from netshrink.data import wiki_sentences
+
+    found = list(wiki_sentences()) + austen_sentences(10 ** 6)
+    random.Random(seed).shuffle(found)
+    return found[:limit]
+
+
+def netshrink_minilm_cut(original: nn.Module, tok, lee_train: list[str], extra: list[str], allocate: bool = True,
+                         refit_batches: int = 96, allocation: str | None = None,
+                         ratios: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+                         ) -> tuple[nn.Module, Structured]:
+    """netshrink's half cut of MiniLM: 50% of FFN neurons and of heads overall, spread over layers by a measured
+    scan (`scan_groups` with the refit + `allocate_groups`), activation importance, bias compensation, then a
+    least-squares refit of each cut layer against the original (`reconstruct_`).
+
+    allocation: a JSON file with the per-group ratios; read if it exists, else written after the scan.
+    Returns the cut and the config (for a masked twin)."""
+    import json
+
+    config = Structured(ratio=0.5, head_ratio=0.5, importance="activation", compensate=True)
+    calibration = text_batches(tok, lee_train)[:16]
+    if allocate and allocation and Path(allocation).exists():
+        per_group = json.loads(Path(allocation).read_text())
+        print(f"  allocation read from {allocation}", flush=True)
+    elif allocate:
+        val = lee_train[-128:]
+        with torch.no_grad():
+            ref = embed(original, tok, val)
+
+            def evaluate(m: nn.Module) -> float:
+                return float(torch.cosine_similarity(embed(m, tok, val), ref).mean())
+
+            t = time.time()
+            scans = scan_groups(original, dataclasses.replace(config, reconstruct=True), evaluate,
+                                ratios=ratios, calibration=calibration)
+            per_group = allocate_groups(scans, config)
+        print(f"  scan of {len(scans)} groups x {len(ratios)} ratios, each cut alone and refitted: "
+              f"{time.time() - t:.0f} s; "
+              "quality lost (1 - mean cosine on 128 training sentences) per ratio:", flush=True)
+        for scan in scans:
+            print(f"    {scan.name}: " + " ".join(f"{x:.3f}" for x in scan.loss), flush=True)
+        if allocation:
+            Path(allocation).write_text(json.dumps(per_group, indent=1))
+    if allocate:
+        print("  allocation: " + ", ".join(f"{k.replace('backbone.encoder.layer.', 'L')}={v:g}"
+                                           for k, v in per_group.items()), flush=True)
+        config = dataclasses.replace(config, per_group=per_group)
+    cut = prune_(original, config, calibration=calibration)
+    if refit_batches:
+        t = time.time()
+        reconstruct_(cut, original, text_batches(tok, lee_train + extra[:4000])[:refit_batches])
+        print(f"  least-squares refit of the 12 cut layers: {time.time() - t:.0f} s", flush=True)
+    return cut.eval(), config
+
+
 def latency_rows(variants: dict[str, nn.Module], inputs: tuple, rounds: int, threads: int | None, batch: int):
     calls = {name: (lambda m=m: m(*inputs)) for name, m in variants.items()}
     return compare(calls, baseline=next(iter(variants)), rounds=rounds, calls_per_round=1, warmup=1,
@@ -103,14 +179,15 @@ def minilm_section(args: argparse.Namespace) -> str:
     pool = sentences()
     held_out = pool[-200:]
     train = pool[: len(pool) - 200][: 640 if args.quick else None]
-    batches = text_batches(tok, train)
+    extra = unlabelled_sentences(200 if args.quick else 50000)
+    batches = text_batches(tok, train + extra)
     steps = args.steps or (20 if args.quick else 800)
     tiny = entry.example_inputs(batch=2, seq_len=32)
 
-    config = Structured(ratio=0.5, head_ratio=0.5, importance=args.importance, compensate=True)
-    calibration = batches[:16]
-    pruned = structured_prune(original, 0.5, head_ratio=0.5, importance=args.importance, calibration=calibration,
-                              compensate=True)
+    calibration = text_batches(tok, train)[:16]
+    pruned, config = netshrink_minilm_cut(original, tok, train, extra, allocate=not args.uniform,
+                                          refit_batches=8 if args.quick else 96, allocation=args.allocation,
+                                          **({"ratios": (0.25, 0.5, 0.75)} if args.quick else {}))
     recovered = copy.deepcopy(pruned)
     torch.set_num_threads(args.train_threads)
     t0 = time.time()
@@ -127,13 +204,16 @@ def minilm_section(args: argparse.Namespace) -> str:
             paused[0] += time.time() - t
             print(f"  distillation step {step + 1}: mean cosine {cos:.4f} on 100 held-out sentences", flush=True)
 
-    distill(recovered, original, batches, Distill(steps=steps, lr=args.lr), on_step=watch)
+    distill(recovered, original, batches, Distill(steps=steps, lr=args.lr, warmup=0.05, cache_teacher=False,
+                                                          frozen=("*word_embeddings*",)),
+            on_step=watch)
     recovery_s = time.time() - t0 - paused[0]
     tp_model = torch_pruning_minilm(original, tiny)
     tp_recovered = None
     if args.tp_recovery:
         tp_recovered = copy.deepcopy(tp_model)
-        distill(tp_recovered, original, batches, Distill(steps=steps, lr=args.lr))
+        distill(tp_recovered, original, batches, Distill(steps=steps, lr=args.lr, warmup=0.05, cache_teacher=False,
+                                                          frozen=("*word_embeddings*",)))
     masked = masked_with_torch_prune(original, config, calibration=calibration)
     variants = {"original": original, "netshrink cut": pruned, "netshrink cut + distilled": recovered,
                 "Torch-Pruning": tp_model}
@@ -149,9 +229,11 @@ def minilm_section(args: argparse.Namespace) -> str:
         quality[name] = (fid["mean_cosine"], fid["min_cosine"], hs["pearson"], hs["spearman"])
         print(f"  quality of {name}: mean cosine {fid['mean_cosine']:.4f}, human spearman {hs['spearman']:.4f} "
               f"(original {base_h['spearman']:.4f})", flush=True)
-    out = [f"### all-MiniLM-L6-v2: 50% FFN neurons + 6 of 12 heads per layer removed\n",
-           f"netshrink: importance '{args.importance}' on {len(calibration)} calibration batches, bias compensation\n",
-           f"recovery: {steps} distillation steps (batch 32, lr {args.lr}) on {len(train)} lee_background sentences, "
+    out = [f"### all-MiniLM-L6-v2: 50% of the FFN neurons and 36 of the 72 heads removed\n",
+           f"netshrink: {'uniform' if args.uniform else 'per-layer budget from a measured scan'}, activation "
+           f"importance on {len(calibration)} calibration batches, bias compensation, least-squares refit\n",
+           f"recovery: {steps} distillation steps (batch 32, lr {args.lr}, word embeddings frozen) on {len(train)} "
+           f"lee_background + {len(extra)} Wikipedia and Austen sentences, "
            f"{recovery_s / 60:.1f} min on {args.train_threads} thread(s); fidelity on {len(held_out)} held-out "
            "sentences; human similarity = gensim lee.cor ratings\n",
            "recovery trajectory (step: mean cosine on 100 held-out sentences): "
@@ -213,6 +295,7 @@ def cnn_section(args: argparse.Namespace) -> str:
                          [[r.name, f"{r.stats.median_ms:.3f}", f"{r.speedup:.2f}x"] for r in rows]))
         if batch == 32:
             speed = {r.name: r.speedup for r in rows}
+    ort_speed = onnxruntime_rows(variants, ["original", "netshrink cut + distilled", "Torch-Pruning"], entry, args, out)
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in variants.items()}
     out.append("\nquality and cost:\n")
     out.append(table(["variant", "accuracy", "params", "MFLOPs (b32)", "FLOP reduction", "speedup b32",
@@ -220,7 +303,42 @@ def cnn_section(args: argparse.Namespace) -> str:
                      [[n, f"{acc[n]:.4f}", f"{params[n]:,}", f"{flops[n] / 1e6:.1f}",
                        f"{flops['original'] / flops[n]:.2f}x", f"{speed[n]:.2f}x",
                        "yes" if speed[n] >= 0.8 * flops["original"] / flops[n] else "no"] for n in variants]))
+    out.append("\nin onnxruntime (each model exported to ONNX, FP32, same threads), speedup against the original "
+               "there:\n")
+    out.append(table(["variant", "FLOP reduction", "speedup b1", "speedup b32", ">= 0.8 x FLOP red. at both"],
+                     [[n, f"{flops['original'] / flops[n]:.2f}x", f"{ort_speed[1][n]:.2f}x", f"{ort_speed[32][n]:.2f}x",
+                       "yes" if min(ort_speed[1][n], ort_speed[32][n]) >= 0.8 * flops["original"] / flops[n] else "no"]
+                      for n in ort_speed[32]]))
     return "\n".join(out)
+
+
+def onnxruntime_rows(variants: dict[str, nn.Module], names: list[str], entry, args: argparse.Namespace,
+                     out: list[str]) -> dict[int, dict[str, float]]:
+    """Export each named variant to ONNX (FP32) and time them in onnxruntime, interleaved, at batch 1 and 32.
+
+    A 0.1 ms CNN forward in eager PyTorch is mostly per-op dispatch; onnxruntime's lower per-op cost is how such a
+    model would be deployed, and shows how much of the FLOP reduction the cut turns into speed."""
+    import tempfile
+
+    from netshrink.export.onnx import export_onnx, session
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_structured_ort_"))
+    sessions = {}
+    for name in names:
+        path = folder / f"{len(sessions)}.onnx"
+        export_onnx(variants[name], path, "fp32", example_inputs=entry.example_inputs(batch=2))
+        sessions[name] = session(str(path), threads=args.threads)
+    speed: dict[int, dict[str, float]] = {}
+    for batch in (1, 32):
+        x = entry.example_inputs(batch=batch)[0].numpy()
+        calls = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()}
+        rows = compare(calls, baseline=names[0], rounds=args.rounds * 4, calls_per_round=5, warmup=3,
+                       num_threads=args.threads, batch=batch)
+        out.append(f"\nonnxruntime latency, batch {batch}:\n")
+        out.append(table(["variant", "median ms", "speedup"],
+                         [[r.name, f"{r.stats.median_ms:.4f}", f"{r.speedup:.2f}x"] for r in rows]))
+        speed[batch] = {r.name: r.speedup for r in rows}
+    return speed
 
 
 def main() -> None:
@@ -235,6 +353,9 @@ def main() -> None:
     parser.add_argument("--train-threads", type=int, default=1)
     parser.add_argument("--only", choices=("minilm", "cnn"), default=None)
     parser.add_argument("--tp-recovery", action="store_true", help="also distil Torch-Pruning's model (doubles time)")
+    parser.add_argument("--uniform", action="store_true", help="MiniLM: the same share in every layer (no scan)")
+    parser.add_argument("--allocation", default=None, help="MiniLM: JSON of per-group ratios (read, or written after "
+                        "the scan)")
     args = parser.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 10)
     threads = args.threads or torch.get_num_threads()

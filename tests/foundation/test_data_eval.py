@@ -36,6 +36,14 @@ def test_prose_and_similarity_data():
     assert all(len(s.split()) >= 6 for s in data.sentences(50))
 
 
+def test_wiki_sentences_are_clean_prose():
+    wiki = data.wiki_sentences()
+    assert len(wiki) > 10_000 and len(set(wiki)) > 0.95 * len(wiki)
+    assert wiki[0].startswith("Anarchism is a political philosophy that advocates self-governed societies")
+    assert all(6 <= len(s.split()) <= 60 for s in wiki)
+    assert not any(mark in s for s in wiki for mark in ("[[", "]]", "{{", "&quot;", "<ref", "''", "#REDIRECT"))
+
+
 class Constant(nn.Module):
     """A 'classifier' that always predicts class 3."""
 

@@ -275,3 +275,46 @@ def test_weight_only_streaming_equals_whole_block(checkpoint, tmp_path, config):
         assert sorted(got) == sorted(want)
         for k in want:
             assert torch.equal(got[k], want[k]), k
+
+
+def test_streamed_rtn_never_builds_the_dense_copy_it_would_discard(checkpoint, tmp_path, monkeypatch):
+    """Packed right after, a quantized Linear needs no FP32 dequantized copy (one largest-Linear copy less per step);
+    unpacked output still gets it."""
+    from netshrink.llm.packing import QuantizedWeight
+
+    calls = []
+    original = QuantizedWeight.dequantize
+    monkeypatch.setattr(QuantizedWeight, "dequantize", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    compress_checkpoint(checkpoint, tmp_path / "packed", RTN(4, 32))
+    assert calls == []
+    compress_checkpoint(checkpoint, tmp_path / "dense", RTN(4, 32), pack=False)
+    assert len(calls) > 0
+
+
+def test_read_rows_is_byte_exact_and_refuses_rows_outside(tmp_path):
+    from safetensors.torch import save_file
+
+    from netshrink.llm.safetensors_io import ShardedCheckpoint
+
+    tensors = {"w": torch.randn(37, 5), "h": torch.randn(9, 4, 3).bfloat16(), "s": torch.tensor(1.5)}
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    ckpt = ShardedCheckpoint(tmp_path)
+    for start, stop in ((0, 37), (3, 4), (10, 37), (5, 5)):
+        assert torch.equal(ckpt.read_rows("w", start, stop), tensors["w"][start:stop])
+    assert torch.equal(ckpt.read_rows("h", 2, 7), tensors["h"][2:7])
+    assert torch.equal(ckpt.read("s"), tensors["s"]) and torch.equal(ckpt.read("h"), tensors["h"])
+    with pytest.raises(NetshrinkError, match=r"rows \[30, 40\) are outside 'w'"):
+        ckpt.read_rows("w", 30, 40)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
+@pytest.mark.parametrize("config", [RTN(4, 32), RTN(3, None), RTN(8, 16, symmetric=True)])
+def test_rtn_in_row_chunks_equals_rtn_on_the_whole_weight(chunk_rows, config):
+    from netshrink.llm.grid import quantize_weight
+    from netshrink.llm.rtn import quantize_in_row_chunks
+
+    w = torch.randn(45, 64, generator=torch.Generator().manual_seed(chunk_rows)) * torch.rand(45, 1) * 3
+    got = quantize_in_row_chunks(lambda a, b: w[a:b], w.shape[0], config, chunk_rows)
+    want = quantize_weight(w, config.bits, config.group_size, config.symmetric)
+    assert torch.equal(got.codes, want.codes) and torch.equal(got.scales, want.scales)
+    assert torch.equal(got.zeros, want.zeros) and (got.bits, got.group_size) == (want.bits, want.group_size)

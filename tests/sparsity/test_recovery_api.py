@@ -72,3 +72,21 @@ def test_distillation_leaves_frozen_parameters_untouched():
     assert student[0].weight.requires_grad and student[2].weight.requires_grad   # flags restored
     with pytest.raises(NetshrinkError, match="frozen"):
         distill(student, teacher, batches, Distill(steps=1, frozen=("*",)))
+
+
+def test_learning_rate_schedule_warms_up_then_follows_the_cosine():
+    import math
+
+    from netshrink.sparsity.recovery import lr_factor
+
+    plain = Distill(steps=40, lr=1.0)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                                           T_max=40)
+    for step in range(40):   # without warm-up: exactly torch's CosineAnnealingLR
+        assert math.isclose(lr_factor(step, plain), reference.get_last_lr()[0], rel_tol=1e-12, abs_tol=1e-15)
+        reference.optimizer.step(), reference.step()
+    warm = Distill(steps=40, lr=1.0, warmup=0.1)
+    assert [round(lr_factor(s, warm), 6) for s in range(4)] == [round(f * 0.5 * (1 + math.cos(math.pi * s / 40)), 6)
+                                                                 for s, f in enumerate((0.25, 0.5, 0.75, 1.0))]
+    with pytest.raises(NetshrinkError, match="Distill.warmup"):
+        distill(torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), [torch.randn(8, 3)], Distill(steps=4, warmup=1.0))

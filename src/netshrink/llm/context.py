@@ -26,15 +26,24 @@ class BlockContext:
     # called around each Linear a weight-only method compresses (streaming: load it first, pack it right after)
     on_enter: Callable[[str], None] | None = None
     on_exit: Callable[[str], None] | None = None
+    # True when on_exit replaces each Linear by its packed form: a dense copy of the quantized weight would be
+    # thrown away at once, so methods may skip making it (an FP32 copy of the largest Linear saved per step)
+    packed_on_exit: bool = False
 
     def linear(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)
 
-    def set_weight(self, name: str, weight: torch.Tensor, qweight: QuantizedWeight | None = None,
-                   **fields: Any) -> None:
-        """Install a compressed weight in Linear `name` and record what was done."""
+    def set_weight(self, name: str, weight: torch.Tensor | Callable[[], torch.Tensor],
+                   qweight: QuantizedWeight | None = None, **fields: Any) -> None:
+        """Install a compressed weight in Linear `name` and record what was done.
+
+        `weight` may be a callable (e.g. `qweight.dequantize`): it is only called when the dense weight is needed,
+        not when the Linear is packed right after (`packed_on_exit`)."""
         layer = self.linear(name)
-        layer.weight.data.copy_(weight.to(layer.weight.dtype))
+        if callable(weight) and not isinstance(weight, torch.Tensor):
+            weight = None if self.packed_on_exit and qweight is not None else weight()
+        if weight is not None:
+            layer.weight.data.copy_(weight.to(layer.weight.dtype))
         setattr(layer, QWEIGHT_ATTR, qweight)
         self.records[f"{self.where}.{name}"] = fields
 

@@ -60,14 +60,25 @@ class ShardedCheckpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, its bytes read straight into a new tensor."""
+        return self.read_rows(name, 0, None)
+
+    def read_rows(self, name: str, start: int, stop: int | None) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (along its first dimension; stop None = to the end), read with one plain
+        read of their contiguous bytes, so a large weight can be processed a slab at a time."""
         dtype, shape, (begin, end), source = self.raw_location(name)
         if dtype not in DTYPES:
             raise NetshrinkError(f"tensor {name!r} has unsupported dtype {dtype}", where=str(source))
-        raw = torch.empty(end - begin, dtype=torch.uint8)
+        rows = shape[0] if shape else 1
+        stop = rows if stop is None else stop
+        if not 0 <= start <= stop <= rows:
+            raise NetshrinkError(f"rows [{start}, {stop}) are outside {name!r}, which has {rows}",
+                                 where=str(source))
+        row_bytes = (end - begin) // max(rows, 1)
+        raw = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
         with open(source, "rb", buffering=0) as fh:
-            fh.seek(begin)
+            fh.seek(begin + start * row_bytes)
             _read_exact(fh, memoryview(raw.numpy()), source)
-        return raw.view(DTYPES[dtype]).reshape(shape)
+        return raw.view(DTYPES[dtype]).reshape([stop - start, *shape[1:]] if shape else shape)
 
     def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` of a 2-d tensor (e.g. embeddings of the calibration tokens), read one slice each."""

@@ -27,7 +27,9 @@ from netshrink.llm.arch import LINEARS, arch_for
 from netshrink.llm.context import QWEIGHT_ATTR, BlockContext
 from netshrink.llm.calibration import calibration_ids
 from netshrink.llm.packed_linear import PackedLinear
+from netshrink.llm import rtn
 from netshrink.llm.pipeline import NEEDS_CALIBRATION, compress_block, method_of
+from netshrink.llm.rtn import RTN
 from netshrink.llm.runner import BlockRunner
 from netshrink.llm.safetensors_io import INDEX, ShardedCheckpoint
 from netshrink.llm.smoothquant import W8A8Linear
@@ -104,7 +106,8 @@ def compress_block_lazily(ckpt: ShardedCheckpoint, arch, config, i: int, method_
 
     Each Linear is read from the checkpoint just before it is compressed and, with `pack`, swapped for its packed
     form right after, so the block never holds all of its FP32 weights at once: peak memory is about the largest
-    Linear plus the packed block, under one FP32 block.
+    Linear plus the packed block, under one FP32 block. Packed RTN goes further and reads each weight 64 rows at a
+    time (`_rtn_packed_from_disk`).
     """
     with torch.device("meta"):
         block = arch.new_block(config, i)
@@ -112,6 +115,9 @@ def compress_block_lazily(ckpt: ShardedCheckpoint, arch, config, i: int, method_
     lazy = {f"{prefix}{name}.{p}" for name in LINEARS for p in ("weight", "bias")}
     eager = [prefix + k for k in block.state_dict() if prefix + k not in lazy]
     block.load_state_dict({k[len(prefix):]: v for k, v in ckpt.load(eager).items()}, strict=False, assign=True)
+    if pack and isinstance(method_config, RTN):
+        return _rtn_packed_from_disk(ckpt, block, prefix, method_config, where), {
+            f"{where}.{name}": rtn.record(method_config) for name in LINEARS}
 
     def enter(name: str) -> None:
         layer = block.get_submodule(name)            # still on the meta device: give it its real tensors
@@ -127,9 +133,26 @@ def compress_block_lazily(ckpt: ShardedCheckpoint, arch, config, i: int, method_
             parent_name, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent_name), child, PackedLinear.from_quantized(qw, layer.bias))
 
-    ctx = BlockContext(block, None, None, where, on_enter=enter, on_exit=exit_)
+    ctx = BlockContext(block, None, None, where, on_enter=enter, on_exit=exit_, packed_on_exit=pack)
     method_of(method_config)(ctx, method_config)
     return block.eval(), ctx.records
+
+
+def _rtn_packed_from_disk(ckpt: ShardedCheckpoint, block: nn.Module, prefix: str, config: RTN,
+                          where: str) -> nn.Module:
+    """RTN straight from the shard into packed layers, 64 rows at a time: not even one Linear's FP32 weight is
+    ever whole in memory (same tensors as the per-Linear path; tested)."""
+    for name in LINEARS:
+        key = f"{prefix}{name}.weight"
+        _, shape, _, _ = ckpt.raw_location(key)
+        if len(shape) != 2:
+            raise NetshrinkError(f"expected a 2-d weight, got shape {shape}", where=key)
+        qw = rtn.quantize_in_row_chunks(lambda a, b, key=key: ckpt.read_rows(key, a, b).float(), shape[0], config)
+        bias_key = f"{prefix}{name}.bias"
+        bias = ckpt.read(bias_key).float() if bias_key in ckpt.weight_map else None
+        parent_name, _, child = name.rpartition(".")
+        setattr(block.get_submodule(parent_name), child, PackedLinear.from_quantized(qw, bias))
+    return block.eval()
 
 
 @torch.no_grad()

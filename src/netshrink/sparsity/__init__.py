@@ -24,6 +24,8 @@ _EXPORTS = {
     "prepare_sparse_execution": "sparse_linear", "SparseLinear": "sparse_linear",
     "make_permanent": "masks", "sparsity_of": "masks", "keep_masks_after_step": "masks", "set_mask": "masks",
     "resize_to_pruned": "structured.hf_config",
+    "Reconstruct": "structured.reconstruct", "reconstruct_": "structured.reconstruct",
+    "scan_groups": "structured.allocate", "allocate_groups": "structured.allocate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -55,7 +55,8 @@ def structured_prune(model: nn.Module, ratio: float = 0.5, *, head_ratio: float 
                      recovery_batches: Iterable[Any] | None = None, recovery_steps: int = 200,
                      recovery_lr: float = 1e-4, **options: Any) -> nn.Module:
     """A physically smaller copy of `model` with `ratio` of channels / FFN neurons (and `head_ratio` of heads)
-    removed, then optionally distilled from the original on `recovery_batches` (unlabelled model inputs).
+    removed, then optionally distilled from the original on `recovery_batches` (unlabelled model inputs; the
+    learning rate warms up over the first 10% of the steps so a good start, e.g. `reconstruct=True`, survives).
 
     `options` are further `Structured` fields (gqa, per_group, round_to, exclude, targets).
     `calibration` feeds data-driven importances ('activation': model inputs; 'taylor': with `loss_fn`).
@@ -63,5 +64,5 @@ def structured_prune(model: nn.Module, ratio: float = 0.5, *, head_ratio: float 
     config = Structured(ratio=ratio, head_ratio=head_ratio, importance=importance, **options)
     pruned = prune_(model, config, example_inputs=example_inputs, calibration=calibration, loss_fn=loss_fn)
     if recovery_batches is not None and recovery_steps > 0:
-        distill(pruned, model, recovery_batches, Distill(steps=recovery_steps, lr=recovery_lr))
+        distill(pruned, model, recovery_batches, Distill(steps=recovery_steps, lr=recovery_lr, warmup=0.1))
     return pruned.eval()

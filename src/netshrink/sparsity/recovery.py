@@ -6,6 +6,7 @@ The loss matches the outputs (MSE + cosine) and, where shapes agree, the outputs
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -34,7 +35,18 @@ class Distill:
     cosine_weight: float = 1.0
     cache_teacher: bool = True
     cosine_decay: bool = True  # learning rate follows half a cosine from lr to 0 over the steps
+    warmup: float = 0.0  # share of the steps over which the learning rate ramps linearly from ~0 up to lr
     frozen: tuple[str, ...] = ()  # fnmatch patterns of parameter names left untrained (e.g. "*word_embeddings*")
+
+
+def lr_factor(step: int, config: Distill) -> float:
+    """Multiplier of `config.lr` at `step`: a linear warm-up (Adam's first steps move every weight by ~lr, which
+    undoes a good starting point such as a least-squares refit), then half a cosine down to 0 if asked."""
+    ramp = max(1, round(config.warmup * config.steps))
+    factor = min(1.0, (step + 1) / ramp) if config.warmup > 0 else 1.0
+    if config.cosine_decay:
+        factor *= 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps))
+    return factor
 
 
 def matching_blocks(student: nn.Module, teacher: nn.Module) -> list[str]:
@@ -91,6 +103,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], conf
     config = config or Distill()
     if config.steps < 1:
         raise NetshrinkError("distillation needs at least one step", where="Distill.steps")
+    if not 0.0 <= config.warmup < 1.0:
+        raise NetshrinkError(f"warm-up share {config.warmup!r} is outside [0, 1)", where="Distill.warmup")
     blocks = matching_blocks(student, teacher) if blocks is None else blocks
     if not config.block_weight:
         blocks = []
@@ -110,7 +124,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], conf
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps) if config.cosine_decay else None
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     mask_hook = keep_masks_after_step(optimizer, student)
     s_store: dict[str, torch.Tensor] = {}
     t_store: dict[str, torch.Tensor] = {}
@@ -139,8 +153,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], conf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if schedule is not None:
-                schedule.step()
+            schedule.step()
             losses.append(float(loss.detach()))
             if on_step is not None:
                 on_step(step, losses[-1])

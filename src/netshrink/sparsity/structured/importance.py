@@ -146,10 +146,12 @@ def consumer_input_stats(model: nn.Module, groups: list[Group], calibration: Ite
 
 @torch.no_grad()
 def bias_compensation(model: nn.Module, groups: list[Group], removed: dict[str, torch.Tensor],
-                      calibration: Iterable[Any] | None) -> dict[str, torch.Tensor]:
+                      calibration: Iterable[Any] | None, stats: tuple | None = None) -> dict[str, torch.Tensor]:
     """Per Linear consumer with a bias: W[:, p] @ E[x_p] summed over its removed input positions p, the mean
-    contribution the removed units made (added to the bias, as in FLAP, An et al. 2024)."""
-    sums, firsts, counts = consumer_input_stats(model, groups, calibration)
+    contribution the removed units made (added to the bias, as in FLAP, An et al. 2024).
+
+    stats: `consumer_input_stats` computed once already (they do not depend on what is removed)."""
+    sums, firsts, counts = stats if stats is not None else consumer_input_stats(model, groups, calibration)
     delta: dict[str, torch.Tensor] = {}
     for g in groups:
         gone = removed[g.name]

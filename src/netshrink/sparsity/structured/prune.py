@@ -23,6 +23,7 @@ from netshrink.sparsity.structured.groups import (Group, Slice, mask_positions, 
                                                   removal_positions, tensor_of)
 from netshrink.sparsity.structured.hf_config import sync_module_attributes, update_hf_config
 from netshrink.sparsity.structured.importance import KINDS, bias_compensation, unit_importance
+from netshrink.sparsity.structured.reconstruct import RefitResult, reconstruct_
 from netshrink.sparsity.structured.transformer import GQA_MODES, transformer_groups
 
 TARGETS = ("channels", "ffn", "heads")
@@ -40,6 +41,8 @@ class Structured:
     physical: False keeps shapes and masks the same units instead (the reference 'masked model').
     compensate: fold the removed units' mean contribution on `calibration` inputs into the consumers' biases
     (Linear consumers with a bias; both the cut and the masked model get it).
+    reconstruct: after a physical cut, refit every Linear whose inputs were cut by least squares on `calibration`
+    against the uncut model (see `reconstruct.py`); masks and fallbacks skip it and say so in the report.
     """
 
     ratio: float = 0.5
@@ -52,6 +55,7 @@ class Structured:
     round_to: int = 1
     physical: bool = True
     compensate: bool = False
+    reconstruct: bool = False
     seed: int = 0
 
     def validate(self) -> None:
@@ -97,6 +101,7 @@ class StructuredReport:
     blocked: dict[str, str]
     params_before: int
     params_after: int
+    refits: list[RefitResult] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """Human-readable summary."""
@@ -105,6 +110,8 @@ class StructuredReport:
                f"({self.params_after / max(self.params_before, 1):.1%})"]
         out += [f"  {g['name']} [{g['kind']}]: {g['before']} -> {g['after']} by {g['importance']}" for g in self.groups]
         out += [f"  left alone: {name}: {why}" for name, why in self.blocked.items()]
+        out += [f"  refitted {r.layer} on {r.tokens} tokens: target error {r.error_before:.4f} -> {r.error_after:.4f}"
+                for r in self.refits]
         return out
 
 
@@ -237,21 +244,35 @@ def structured_report(model: nn.Module) -> StructuredReport | None:
 
 def prune_structured(model: nn.Module, config: Structured, example_inputs: tuple | None = None,
                      calibration: Iterable[Any] | None = None, loss_fn: LossFn | None = None) -> nn.Module:
-    """Plan and apply structured pruning in place; if the cut model fails to run on example_inputs, mask instead."""
+    """Plan and apply structured pruning in place; if the cut model fails to run on example_inputs, mask instead.
+
+    With `config.reconstruct`, the cut layers' consumers are then refitted against the uncut model.
+    """
+    if config.reconstruct and calibration is None:
+        raise NetshrinkError("reconstruction refits layers on calibration inputs; none were given",
+                             where="Structured.reconstruct", hint="pass calibration=[batch, ...] (model inputs)")
+    if config.reconstruct and not isinstance(calibration, (list, tuple)):
+        calibration = list(calibration)
     plan = plan_structured(model, config, example_inputs, calibration, loss_fn)
-    if not config.physical or plan.fallback or example_inputs is None:
-        apply_plan(model, plan, physical=config.physical)
+    if not config.physical or plan.fallback:
+        report = apply_plan(model, plan, physical=config.physical)
+        if config.reconstruct:
+            report.blocked["reconstruct"] = "skipped: it refits cut layers, and this model was masked, not cut"
         return model
-    backup = copy.deepcopy(model)
-    apply_plan(model, plan, physical=True)
-    try:
-        with torch.no_grad():
-            model.eval()(*example_inputs)
-    except Exception as exc:  # a forward with hard-coded sizes: say so and keep the masked twin
-        plan.fallback = (f"the cut model failed to run ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                         "fell back to masks: same shapes, no speedup")
-        _restore(model, backup)
-        apply_plan(model, plan, physical=False)
+    backup = copy.deepcopy(model) if example_inputs is not None or config.reconstruct else None
+    report = apply_plan(model, plan, physical=True)
+    if example_inputs is not None:
+        try:
+            with torch.no_grad():
+                model.eval()(*example_inputs)
+        except Exception as exc:  # a forward with hard-coded sizes: say so and keep the masked twin
+            plan.fallback = (f"the cut model failed to run ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                             "fell back to masks: same shapes, no speedup")
+            _restore(model, backup)
+            apply_plan(model, plan, physical=False)
+            return model
+    if config.reconstruct:
+        report.refits = reconstruct_(model, backup, calibration)
     return model
 
 
