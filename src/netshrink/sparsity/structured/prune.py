@@ -110,7 +110,8 @@ class StructuredReport:
                f"({self.params_after / max(self.params_before, 1):.1%})"]
         out += [f"  {g['name']} [{g['kind']}]: {g['before']} -> {g['after']} by {g['importance']}" for g in self.groups]
         out += [f"  left alone: {name}: {why}" for name, why in self.blocked.items()]
-        out += [f"  refitted {r.layer} on {r.tokens} tokens: target error {r.error_before:.4f} -> {r.error_after:.4f}"
+        out += [f"  refit of {r.layer} skipped: {r.skipped}" if r.skipped else
+                f"  refitted {r.layer} on {r.tokens} tokens: target error {r.error_before:.4f} -> {r.error_after:.4f}"
                 for r in self.refits]
         return out
 

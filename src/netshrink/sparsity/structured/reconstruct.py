@@ -17,6 +17,7 @@ is the original layer's output on the original model's input.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -34,6 +35,7 @@ class Reconstruct:
     ridge: float = 1e-4
     residual: bool = True
     max_batches: int | None = None
+    min_tokens_per_input: float = 4.0  # fewer calibration tokens than this x the layer's inputs: skip (overfits)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class RefitResult:
     tokens: int
     error_before: float
     error_after: float
+    skipped: str = ""  # why the layer kept its weights (too few tokens, or no gain on held-out tokens)
 
 
 class _Stop(Exception):
@@ -145,11 +148,13 @@ def refit_layer(student: nn.Module, teacher: nn.Module, layer: str, batches: lis
     bias = lin_s.bias is not None
     d_in, d_out = lin_s.in_features, lin_s.out_features
     size = d_in + int(bias)
-    gram = torch.zeros(size, size, dtype=torch.float64)
-    cross = torch.zeros(size, d_out, dtype=torch.float64)
-    energy, tokens = 0.0, 0
+    # Statistics of two parts: every 5th batch (every 5th token with fewer than 5 batches) is held out to check
+    # that the refit generalises; the fit that is applied uses all of them.
+    stats = [[torch.zeros(size, size, dtype=torch.float64), torch.zeros(size, d_out, dtype=torch.float64), 0.0]
+             for _ in range(2)]
+    tokens = 0
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
             s.clear(), t.clear()
             _call(student, batch)
             _call(teacher, batch)
@@ -162,28 +167,51 @@ def refit_layer(student: nn.Module, teacher: nn.Module, layer: str, batches: lis
                 x, y = x[keep], y[keep]
             if bias:
                 x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-            gram += x.T @ x
-            cross += x.T @ y
-            energy += float(y.pow(2).sum())
+            held = (torch.full((x.shape[0],), index % 5 == 4) if len(batches) >= 5
+                    else torch.arange(x.shape[0]) % 5 == 4)
+            for part, rows in ((stats[0], ~held), (stats[1], held)):
+                xs, ys = x[rows], y[rows]
+                part[0] += xs.T @ xs
+                part[1] += xs.T @ ys
+                part[2] += float(ys.pow(2).sum())
             tokens += x.shape[0]
     finally:
         for h in hooks:
             h.remove()
+    gram, cross, energy = stats[0][0] + stats[1][0], stats[0][1] + stats[1][1], stats[0][2] + stats[1][2]
     if not torch.isfinite(gram).all() or not torch.isfinite(cross).all():
         raise NetshrinkError("NaN or Inf in the calibration activations", where=layer)
+    if tokens < config.min_tokens_per_input * size:
+        why = (f"{tokens} calibration tokens for {size} inputs: a refit would overfit; kept the weights "
+               f"(give at least {int(config.min_tokens_per_input * size)} tokens)")
+        warnings.warn(f"{layer}: {why}", stacklevel=2)
+        return RefitResult(layer, norm, tokens, float("nan"), float("nan"), why)
     old = lin_s.weight.detach().double().T
     if bias:
         old = torch.cat([old, lin_s.bias.detach().double()[None]], 0)
 
-    def error(w: torch.Tensor) -> float:   # sum ||X w - y||^2 from the sufficient statistics
-        return float((w * (gram @ w)).sum() - 2 * (w * cross).sum() + energy) / max(energy, 1e-30)
+    def error(w: torch.Tensor, g: torch.Tensor, c: torch.Tensor, e: float) -> float:
+        """Relative sum ||X w - y||^2, from the sufficient statistics."""
+        return float((w * (g @ w)).sum() - 2 * (w * c).sum() + e) / max(e, 1e-30)
 
-    damped = gram.clone()
-    diag = torch.arange(d_in)
-    damped[diag, diag] += config.ridge * float(gram.diagonal()[:d_in].mean())
-    factor, info = torch.linalg.cholesky_ex(damped)
-    solution = torch.cholesky_solve(cross, factor) if int(info) == 0 else torch.linalg.lstsq(damped, cross).solution
-    before, after = error(old), error(solution)
+    def solve(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        damped = g.clone()
+        diag = torch.arange(d_in)
+        damped[diag, diag] += config.ridge * float(g.diagonal()[:d_in].mean())
+        factor, info = torch.linalg.cholesky_ex(damped)
+        return torch.cholesky_solve(c, factor) if int(info) == 0 else torch.linalg.lstsq(damped, c).solution
+
+    check = stats[1]
+    if check[2] > 0:
+        trial = solve(stats[0][0], stats[0][1])
+        held_before, held_after = error(old, *check), error(trial, *check)
+        if held_after >= held_before:   # the refit does not generalise to tokens it was not fitted on
+            why = (f"the refit raised the error on held-out calibration tokens ({held_before:.4f} -> "
+                   f"{held_after:.4f}); kept the weights (give more calibration data)")
+            warnings.warn(f"{layer}: {why}", stacklevel=2)
+            return RefitResult(layer, norm, tokens, error(old, gram, cross, energy), float("nan"), why)
+    solution = solve(gram, cross)
+    before, after = error(old, gram, cross, energy), error(solution, gram, cross, energy)
     if after <= before:   # never make a layer worse on its own objective
         lin_s.weight.copy_(solution[:d_in].T.to(lin_s.weight.dtype))
         if bias:
