@@ -91,14 +91,10 @@ def text_batches(tok, texts: list[str], size: int = 32, seed: int = 0) -> list[t
 def austen_sentences(limit: int, seed: int = 0) -> list[str]:
     """Sentences of 6 to 60 words from Jane Austen's six novels (Debian r-cran-janeaustenr), shuffled."""
     import random
-    import re
 
-    from netshrink.data.text import AUSTEN_BOOKS, austen
+    from netshrink.data.text import AUSTEN_BOOKS, austen, split_sentences
 
-    found = []
-    for book in AUSTEN_BOOKS:
-        text = re.sub(r"\s+", " ", austen(book))
-        found += [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text) if 6 <= len(s.split()) <= 60]
+    found = [s for book in AUSTEN_BOOKS for s in split_sentences(austen(book)) if 6 <= len(s.split()) <= 60]
     random.Random(seed).shuffle(found)
     return found[:limit]
 

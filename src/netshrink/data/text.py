@@ -69,9 +69,8 @@ def wiki_sentences(min_words: int = 6, max_words: int = 60) -> tuple[str, ...]:
     xml = bz2.open(path).read().decode("utf-8", errors="replace")
     pages = (html.unescape(t) for t in re.findall(r"<text[^>]*>(.*?)</text>", xml, flags=re.S))
     bodies = (re.sub(r"'{2,}", "", filter_wiki(t)) for t in pages if not t.lstrip().upper().startswith("#REDIRECT"))
-    text = re.sub(r"\s+", " ", " ".join(bodies))
-    found = (s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text))
-    return tuple(s for s in found if min_words <= len(s.split()) <= max_words and "=" not in s and "|" not in s)
+    return tuple(s for s in split_sentences(" ".join(bodies))
+                 if min_words <= len(s.split()) <= max_words and "=" not in s and "|" not in s)
 
 
 def prose(source: Literal["lee", "austen"] = "lee") -> str:
@@ -83,11 +82,14 @@ def prose(source: Literal["lee", "austen"] = "lee") -> str:
     raise NetshrinkError(f"unknown prose source '{source}' (lee, austen)", where="source")
 
 
+def split_sentences(text: str) -> list[str]:
+    """Sentences of running prose: whitespace collapsed, split after . ! ? before a capital or a quote."""
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", re.sub(r"\s+", " ", text))]
+
+
 def sentences(n: int | None = None, min_words: int = 6) -> list[str]:
     """Real sentences from the Lee background corpus, in corpus order (deterministic)."""
-    text = re.sub(r"\s+", " ", _lee_background())
-    found = [s.strip() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text)]
-    found = [s for s in found if len(s.split()) >= min_words]
+    found = [s for s in split_sentences(_lee_background()) if len(s.split()) >= min_words]
     return found if n is None else found[:n]
 
 

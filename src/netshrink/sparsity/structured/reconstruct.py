@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from netshrink.errors import NetshrinkError
+from netshrink.sparsity.recovery import _call as call_model
+from netshrink.sparsity.recovery import _first_tensor
 
 
 @dataclass
@@ -90,10 +92,8 @@ def residual_norm(model: nn.Module, layer: str) -> str | None:
 
 
 def _call(model: nn.Module, batch: Any) -> None:
-    from netshrink.sparsity.recovery import _call as call
-
     try:
-        call(model, batch)
+        call_model(model, batch)
     except _Stop:
         pass
 
@@ -110,10 +110,6 @@ def _token_mask(batch: Any, rows: int) -> torch.Tensor | None:
     return mask.reshape(-1).bool()
 
 
-def _first(x: Any) -> torch.Tensor:
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
 def _hook(module: nn.Module, store: dict[str, torch.Tensor], key: str, when: str, stop: bool) -> Any:
     """Capture the module's first input (when='in') or its output (when='out') into store[key]."""
     if when == "in":
@@ -124,7 +120,7 @@ def _hook(module: nn.Module, store: dict[str, torch.Tensor], key: str, when: str
         return module.register_forward_pre_hook(pre, with_kwargs=True)
 
     def post(_m: nn.Module, _args: tuple, out: Any) -> None:
-        store[key] = _first(out).detach()
+        store[key] = _first_tensor(out).detach()
         if stop:
             raise _Stop
     return module.register_forward_hook(post)
