@@ -7,6 +7,9 @@ sentences not held out plus the Wikipedia articles of gensim's test dump and Jan
 6 to 60 words), with the word-embedding table
 frozen (11.7 M of the 17.4 M parameters; training it only overfits). Prints the held-out mean cosine every 150 steps,
 then the mean / min cosine on 200 held-out Lee sentences and the human-similarity correlation (gensim lee.cor).
+`--passages N` adds N passages of 80 to 180 words (consecutive Wikipedia or Austen sentences, in batches of 16):
+the Lee documents that the human ratings compare are 100 to 250 tokens long, longer than any training sentence.
+`--pooled` and `--relation` weight the distillation terms on the mean-pooled embeddings (see `Distill`).
 
     .venv/bin/python benchmarks/bench_pruning_recovery.py [--steps 1500] [--lr 3e-4] [--threads 1] [--uniform]
 """
@@ -19,15 +22,40 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_pruning_structured import netshrink_minilm_cut, text_batches, unlabelled_sentences  # noqa: E402
 
 from netshrink import zoo  # noqa: E402
-from netshrink.data import sentences  # noqa: E402
+from netshrink.data import sentences, similarity_pairs  # noqa: E402
 from netshrink.eval import human_similarity  # noqa: E402
 from netshrink.eval.embedding import embed  # noqa: E402
 from netshrink.sparsity.recovery import Distill, distill  # noqa: E402
+
+
+def passages(limit: int, seed: int = 0, min_words: int = 80, max_words: int = 180) -> list[str]:
+    """Runs of consecutive sentences from gensim's Wikipedia articles and Austen's novels, 80 to 180 words each."""
+    import random
+
+    from netshrink.data import wiki_sentences
+    from netshrink.data.text import AUSTEN_BOOKS, austen, split_sentences
+
+    sources = [list(wiki_sentences())] + [split_sentences(austen(book)) for book in AUSTEN_BOOKS]
+    found = []
+    for source in sources:
+        run: list[str] = []
+        for sentence in source:
+            run.append(sentence)
+            words = sum(len(s.split()) for s in run)
+            if words > max_words:
+                run = []
+            elif words >= min_words:
+                found.append(" ".join(run))
+                run = []
+    random.Random(seed).shuffle(found)
+    return found[:limit]
 
 
 def main() -> None:
@@ -40,6 +68,9 @@ def main() -> None:
                         help="at most this many Wikipedia + Austen sentences (0: Lee only)")
     parser.add_argument("--uniform", action="store_true", help="the same share in every layer (no scan)")
     parser.add_argument("--allocation", default=None, help="JSON of per-group ratios (read, or written after the scan)")
+    parser.add_argument("--passages", type=int, default=0, help="add this many 80-180 word passages")
+    parser.add_argument("--pooled", type=float, default=0.0, help="weight of the pooled-embedding cosine term")
+    parser.add_argument("--relation", type=float, default=0.0, help="weight of the pairwise-similarity term")
     parser.add_argument("--refit-batches", type=int, default=96, help="batches for the least-squares refit (0: none)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -52,6 +83,12 @@ def main() -> None:
     print(f"training sentences: {len(lee_train)} Lee + {len(extra)} Wikipedia and Austen; "
           f"held out: {len(held_out)} Lee", flush=True)
     batches = text_batches(tok, lee_train + extra)
+    if args.passages:
+        long = passages(args.passages)
+        print(f"+ {len(long)} passages of 80 to 180 words", flush=True)
+        batches = batches + text_batches(tok, long, size=16, max_length=256)
+        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(1)).tolist()
+        batches = [batches[i] for i in order]
     probe = embed(original, tok, held_out[:100])
     student, _ = netshrink_minilm_cut(original, tok, lee_train, extra, allocate=not args.uniform,
                                       refit_batches=args.refit_batches, allocation=args.allocation)
@@ -68,7 +105,7 @@ def main() -> None:
                   f"{time.time() - t0:.0f} s", flush=True)
 
     config = Distill(steps=args.steps, lr=args.lr, warmup=args.warmup, cache_teacher=False,
-                     frozen=("*word_embeddings*",))
+                     frozen=("*word_embeddings*",), pooled_weight=args.pooled, relation_weight=args.relation)
     with torch.enable_grad():
         distill(student, original, batches, config, on_step=watch)
     with torch.no_grad():
@@ -77,6 +114,14 @@ def main() -> None:
     print(f"\nheld-out mean / min cosine: {cos.mean():.4f} / {cos.min():.4f}")
     print(f"human similarity Spearman {mine['spearman']:.4f} (original {base['spearman']:.4f}, "
           f"{mine['spearman'] - base['spearman']:+.4f}); Pearson {mine['pearson']:.4f} (original {base['pearson']:.4f})")
+    docs, _ = similarity_pairs()
+    with torch.no_grad():
+        mine_docs, base_docs = embed(student, tok, docs, max_length=256), embed(original, tok, docs, max_length=256)
+    upper = torch.triu_indices(len(docs), len(docs), offset=1)
+    sims = [(F.normalize(e, dim=-1) @ F.normalize(e, dim=-1).T)[upper[0], upper[1]] for e in (mine_docs, base_docs)]
+    print(f"the {len(docs)} Lee documents: mean / min cosine to the original's embeddings "
+          f"{F.cosine_similarity(mine_docs, base_docs).mean():.4f} / {F.cosine_similarity(mine_docs, base_docs).min():.4f}; "
+          f"Spearman of their {len(sims[0])} pairwise similarities with the original's {spearmanr(*sims)[0]:.4f}")
 
 
 if __name__ == "__main__":

@@ -160,3 +160,18 @@ def test_disk_full_while_writing_leaves_no_file(digit_cnn, tmp_path, monkeypatch
     with pytest.raises(NetshrinkError, match="No space left on device"):
         export_onnx(digit_cnn, tmp_path / "full.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bound_runner_gives_the_plain_run_outputs(digit_cnn, cnn_inputs, tmp_path):
+    from netshrink.export.onnx import bound_runner
+
+    path = export_onnx(digit_cnn, tmp_path / "cnn.onnx", scheme="fp32").path
+    sess = session(str(path), threads=1)
+    name = sess.get_inputs()[0].name
+    for x in (cnn_inputs[0][:1].numpy(), cnn_inputs[0].numpy()):
+        run = bound_runner(sess, {name: x})
+        first = run()[0].copy()
+        assert np.array_equal(first, sess.run(None, {name: x})[0])
+        assert np.array_equal(run()[0], first)          # the same buffers, refilled on every call
+        with torch.no_grad():
+            assert np.allclose(first, digit_cnn.model(torch.from_numpy(x)).numpy(), atol=1e-4)

@@ -90,3 +90,59 @@ def test_learning_rate_schedule_warms_up_then_follows_the_cosine():
                                                                  for s, f in enumerate((0.25, 0.5, 0.75, 1.0))]
     with pytest.raises(NetshrinkError, match="Distill.warmup"):
         distill(torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), [torch.randn(8, 3)], Distill(steps=4, warmup=1.0))
+
+
+def test_mean_pool_ignores_padding_like_a_float64_loop():
+    from netshrink.sparsity.recovery import _attention_mask, mean_pool
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    want = torch.stack([hidden[b, :int(mask[b].sum())].double().mean(0) for b in range(3)])
+    assert torch.allclose(mean_pool(hidden, mask).double(), want, atol=1e-6)
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    assert _attention_mask((ids, mask)) is mask and _attention_mask({"input_ids": ids, "attention_mask": mask}) is mask
+    assert _attention_mask((ids,)) is None and _attention_mask(torch.randn(3, 5)) is None
+
+
+class _TokenEncoder(torch.nn.Module):
+    """A toy encoder with the (input_ids, attention_mask) -> [batch, tokens, hidden] signature of a sentence encoder."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(50, 16)
+        self.mix = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        return h + self.mix(h)
+
+
+def test_relation_term_trains_the_pairwise_similarities_toward_the_teacher():
+    from netshrink.sparsity.recovery import _pooled_terms, mean_pool
+
+    teacher = _TokenEncoder(0)
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(0, 50, (16, 7), generator=gen)
+        mask = (torch.arange(7) < torch.randint(2, 8, (16, 1), generator=gen)).long()
+        batches.append((ids, mask))
+
+    def relation_error(student: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return sum(float(_pooled_terms(student(*b), teacher(*b), b, Distill(relation_weight=1.0))) for b in batches)
+
+    assert relation_error(teacher) == 0.0                     # the term vanishes when student == teacher
+    errors = {}
+    for weight in (0.0, 10.0):
+        student = _TokenEncoder(2)
+        start = relation_error(student)
+        distill(student, teacher, batches, Distill(steps=60, lr=1e-2, relation_weight=weight, pooled_weight=weight / 10,
+                                                   block_weight=0.0, cosine_weight=0.0))
+        errors[weight] = relation_error(student)
+    assert errors[10.0] < 0.5 * start and errors[10.0] < errors[0.0]
+    with torch.no_grad():    # and the pooled vectors themselves moved toward the teacher's
+        b = batches[0]
+        assert mean_pool(student(*b), b[1]).shape == (16, 16)

@@ -106,6 +106,29 @@ def session(path_or_bytes: str | bytes, threads: int = 2) -> Any:
     return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
 
 
+def bound_runner(sess: Any, inputs: dict[str, np.ndarray]) -> Callable[[], list[np.ndarray]]:
+    """A zero-argument call that runs `sess` on fixed `inputs` through onnxruntime's IO binding.
+
+    The inputs are bound once and every output goes into a buffer allocated once, so a call does no numpy
+    conversion and no output allocation: what a latency-critical server does with a fixed-shape request. For a
+    20 us model (the half-cut digit CNN at batch 1) that per-call work is about 10% of the time."""
+    import onnxruntime as ort
+
+    binding = sess.io_binding()
+    for name, value in inputs.items():
+        binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    outputs = sess.run(None, inputs)                     # one plain run for the output shapes and dtypes
+    buffers = [ort.OrtValue.ortvalue_from_numpy(np.empty_like(o)) for o in outputs]
+    for meta, buffer in zip(sess.get_outputs(), buffers):
+        binding.bind_ortvalue_output(meta.name, buffer)
+
+    def run() -> list[np.ndarray]:
+        sess.run_with_iobinding(binding)
+        return [b.numpy() for b in buffers]
+
+    return run
+
+
 def feeds(model: onnx.ModelProto, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
     """Map positional inputs (torch tensors or arrays) onto the graph's input names."""
     names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]

@@ -299,6 +299,10 @@ def quantize_(model: nn.Module, config: Config, calibration: Any = None, inplace
         from netshrink.quant.attention import use_bf16_attention
 
         use_bf16_attention(model)
+    if backend == "compile" and isinstance(config, Int8Dynamic):
+        from netshrink.quant.ffn import fold_gelu_into_int8
+
+        fold_gelu_into_int8(model)
     if backend == "compile":
         # torch.compile keys its cache on the forward's code object, which every model of one class shares: a few
         # quantized variants in one process (the demo, a sweep) each add their own entries, and the default limit

@@ -126,6 +126,13 @@ class Int8Linear(_Int8Base):
         y = self._gemm(x.reshape(-1, shape[-1]))
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
+    def forward_after_gelu(self, y: torch.Tensor) -> torch.Tensor:
+        """self(gelu(y)) for a layer fed by an exact GELU, with the per-token scale from y's row maximum
+        (`kernels.quantize_after_gelu`); the reference path and static layers take gelu(y) the ordinary way."""
+        if self.reference or self.mode != "dynamic":
+            return self(F.gelu(y))
+        return kernels.linear_dynamic_after_gelu(y, self.q_w_t, self.weight_scale, self.bias)
+
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, mode={self.mode}, int8"
 

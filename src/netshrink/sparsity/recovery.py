@@ -2,6 +2,9 @@
 
 The loss matches the outputs (MSE + cosine) and, where shapes agree, the outputs of same-named blocks
 (transformer layers keep the hidden size under FFN/head pruning), which gives many more targets per batch.
+For sentence encoders two optional terms act on the mean-pooled outputs (what an embedding model returns): their
+cosine to the teacher's, and the batch's pairwise cosine matrix against the teacher's, i.e. similarity-preserving
+distillation (Tung and Mori 2019): a similarity task reads only those pairwise cosines.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ class Distill:
     cosine_decay: bool = True  # learning rate follows half a cosine from lr to 0 over the steps
     warmup: float = 0.0  # share of the steps over which the learning rate ramps linearly from ~0 up to lr
     frozen: tuple[str, ...] = ()  # fnmatch patterns of parameter names left untrained (e.g. "*word_embeddings*")
+    pooled_weight: float = 0.0  # 1 - cosine of the mean-pooled outputs (masked by the batch's attention_mask)
+    relation_weight: float = 0.0  # squared error of the batch's pairwise cosines between mean-pooled outputs
 
 
 def lr_factor(step: int, config: Distill) -> float:
@@ -84,6 +89,33 @@ def _call(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def _attention_mask(batch: Any) -> torch.Tensor | None:
+    """The padding mask of a batch given as a dict with "attention_mask" or as (input_ids, attention_mask)."""
+    if isinstance(batch, dict):
+        return batch.get("attention_mask")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor) \
+            and isinstance(batch[0], torch.Tensor) and batch[1].shape == batch[0].shape:
+        return batch[1]
+    return None
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Average over the tokens (dim 1) that the mask keeps: the sentence embedding of a mean-pooling encoder."""
+    if mask is None:
+        return hidden.float().mean(dim=1)
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def _pooled_terms(s: torch.Tensor, t: torch.Tensor, batch: Any, config: Distill) -> torch.Tensor:
+    s_vec, t_vec = mean_pool(s, _attention_mask(batch)), mean_pool(t, _attention_mask(batch))
+    loss = config.pooled_weight * (1 - F.cosine_similarity(s_vec, t_vec, dim=-1)).mean()
+    if config.relation_weight and len(s_vec) > 1:
+        s_unit, t_unit = F.normalize(s_vec, dim=-1), F.normalize(t_vec, dim=-1)
+        loss = loss + config.relation_weight * F.mse_loss(s_unit @ s_unit.T, t_unit @ t_unit.T)
+    return loss
 
 
 def _match(s: torch.Tensor, t: torch.Tensor, cosine_weight: float) -> torch.Tensor:
@@ -146,6 +178,8 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], conf
                     cache[key] = (t_out, dict(t_store))
             s_out = _first_tensor(_call(student, batch))
             loss = _match(s_out, t_out, config.cosine_weight)
+            if (config.pooled_weight or config.relation_weight) and s_out.dim() == 3:
+                loss = loss + _pooled_terms(s_out, t_out, batch, config)
             matched = [n for n in blocks if n in s_store and n in t_store and s_store[n].shape == t_store[n].shape]
             if matched:
                 loss = loss + config.block_weight * sum(
