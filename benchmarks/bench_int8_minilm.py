@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few rounds and sentences: a smoke check")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--skip", nargs="*", default=[], help="variant names to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out: torch.ao torchao onnxruntime bf16 eager unfolded")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 8)
     n_sentences = 64 if args.quick else 256
@@ -142,6 +142,8 @@ def main() -> None:
         eager = quantize_(fp32, Int8Dynamic(backend="eager"))
         variants["netshrink Int8Dynamic, eager"] = eager
         sizes["netshrink Int8Dynamic, eager"] = saved_bytes(eager, folder, "ns_eager")
+    if "unfolded" not in args.skip:                          # the default without the GELU fold, for its effect
+        variants["netshrink Int8Dynamic, GELU not folded"] = quantize_(fp32, Int8Dynamic(fold_gelu=False))
     ours = quantize_(fp32, Int8Dynamic())                    # the default: backend auto -> compile for transformers
     variants["netshrink Int8Dynamic (default)"] = ours
     sizes["netshrink Int8Dynamic (default)"] = saved_bytes(ours, folder, "ns")

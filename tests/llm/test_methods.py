@@ -215,3 +215,39 @@ def test_gptq_keeps_pruned_weights_at_zero(config):
     assert int((Q.view(32, 16, 4) != 0).sum(-1).max()) <= 2
     rtn = quantize_weight(W, config.bits, config.group_size, config.symmetric).dequantize()
     assert objective(W, Q, X) < objective(W, rtn, X)
+
+
+def test_take_H_hands_over_the_scaled_hessian_once():
+    from netshrink.llm.runner import InputStats
+
+    stats = InputStats(frozenset({"hessian"}))
+    X = torch.randn(40, 6, dtype=torch.float64).float()
+    stats.add(X[:25])
+    stats.add(X[25:])
+    want = stats.H()
+    got = stats.take_H()
+    torch.testing.assert_close(got, 2 * X.t() @ X / 40)
+    torch.testing.assert_close(got, want)
+    assert stats.hessian is None
+    with pytest.raises(NetshrinkError, match="already taken"):
+        stats.take_H()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_consumed_hessian_gives_the_same_grid_with_about_two_matrices_of_memory(act_order):
+    """Handing the Hessian over changes no result, and GPTQ adds ~1 [in, in] matrix at its peak (it was ~3)."""
+    from netshrink.bench.memory import peak_rss_during
+
+    torch.manual_seed(0)
+    cols = 3072
+    X = torch.randn(4 * cols, cols) + torch.randn(1, cols)
+    H = 2 * X.t() @ X / X.shape[0]
+    del X
+    W = torch.randn(32, cols)
+    config = GPTQ(4, 128, act_order=act_order)
+    kept, _ = gptq_quantize(W, H, config)
+    matrix_mib = H.numel() * 4 / 2 ** 20                   # 36 MiB
+    box = [H.clone()]
+    (consumed, _), mem = peak_rss_during(lambda: gptq_quantize(W, box.pop(), config, consume_hessian=True))
+    assert torch.equal(consumed.codes, kept.codes) and torch.equal(consumed.scales, kept.scales)
+    assert mem["growth_mib"] < 1.6 * matrix_mib, (mem, matrix_mib)   # was 2.8-3.1 matrices before the hand-over

@@ -305,6 +305,11 @@ def test_read_rows_is_byte_exact_and_refuses_rows_outside(tmp_path):
     assert torch.equal(ckpt.read("s"), tensors["s"]) and torch.equal(ckpt.read("h"), tensors["h"])
     with pytest.raises(NetshrinkError, match=r"rows \[30, 40\) are outside 'w'"):
         ckpt.read_rows("w", 30, 40)
+    index = torch.tensor([36, 0, 5, 5, 12])                 # any order, repeats allowed
+    assert torch.equal(ckpt.rows("w", index), tensors["w"][index])
+    assert torch.equal(ckpt.rows("h", torch.tensor([8, 1])), tensors["h"][[8, 1]].float())
+    with pytest.raises(NetshrinkError, match="index 37 is outside 'w'"):
+        ckpt.rows("w", torch.tensor([2, 37]))
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -93,15 +92,12 @@ def test_other_activations_are_left_alone():
 
 
 @pytest.mark.slow
-def test_minilm_folded_ffn_equals_the_unfolded_one():
-    from netshrink import data, zoo
+def test_minilm_folded_ffn_equals_the_unfolded_one(minilm):
+    from netshrink import data
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        entry = zoo.load("minilm")
-    enc = entry.tokenizer(data.sentences(16), padding=True, truncation=True, max_length=64, return_tensors="pt")
+    enc = minilm.tokenizer(data.sentences(16), padding=True, truncation=True, max_length=64, return_tensors="pt")
     inputs = (enc["input_ids"], enc["attention_mask"])
-    plain = quantize_(entry.model, Int8Dynamic(backend="eager"))
+    plain = quantize_(minilm.model, Int8Dynamic(backend="eager"))
     folded = copy.deepcopy(plain)
     assert len(fold_gelu_into_int8(folded)) == 6
     with torch.no_grad():

@@ -36,9 +36,8 @@ class InputStats:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
-        if "hessian" in self.want:
-            h = x.t() @ x
-            self.hessian = h if self.hessian is None else self.hessian.add_(h)
+        if "hessian" in self.want:     # accumulated in place: no second [in, in] matrix per batch
+            self.hessian = x.t() @ x if self.hessian is None else self.hessian.addmm_(x.t(), x)
         if "sq_norm" in self.want:
             s = (x * x).sum(0)
             self.sq_norm = s if self.sq_norm is None else self.sq_norm.add_(s)
@@ -54,6 +53,14 @@ class InputStats:
     def H(self) -> torch.Tensor:
         """Hessian of the layer objective, 2/N X X^T (float32)."""
         return self.hessian * (2.0 / self.tokens)
+
+    def take_H(self) -> torch.Tensor:
+        """The Hessian 2/N X X^T, scaled in place and handed over: these statistics keep no reference to it, so a
+        consumer such as GPTQ can free it as soon as it is done (no second [in, in] copy)."""
+        H, self.hessian = self.hessian, None
+        if H is None:
+            raise NetshrinkError("the Hessian was not collected or was already taken", where="InputStats")
+        return H.mul_(2.0 / self.tokens)
 
     def samples(self) -> torch.Tensor:
         """At most `max_samples` input rows [n, in]."""

@@ -81,16 +81,18 @@ class ShardedCheckpoint:
         return raw.view(DTYPES[dtype]).reshape([stop - start, *shape[1:]] if shape else shape)
 
     def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        """Rows `index` of a 2-d tensor (e.g. embeddings of the calibration tokens), read one slice each."""
-        with safe_open(self.folder / self.weight_map[name], "pt") as handle:
-            sl = handle.get_slice(name)
-            n_rows = sl.get_shape()[0]
-            bad = [int(i) for i in index.tolist() if not 0 <= int(i) < n_rows]
-            if bad:
-                raise NetshrinkError(f"index {bad[0]} is outside {name!r}, which has {n_rows} rows",
-                                     where=str(self.folder),
-                                     hint="calibration token ids must be smaller than the vocabulary size")
-            return torch.stack([sl[int(i): int(i) + 1][0] for i in index.tolist()]).float()
+        """Rows `index` of a 2-d tensor (e.g. embeddings of the calibration tokens), as float32.
+
+        Each row is a plain read (`read_rows`), not a slice of a memory map: a page fault in a mapped file maps its
+        neighbours too (fault-around and readahead), and 256 scattered rows of a 49152 x 576 embedding mapped about
+        40 MiB into the resident set for 0.6 MiB of rows."""
+        _, shape, _, source = self.raw_location(name)
+        n_rows = shape[0] if shape else 0
+        bad = [int(i) for i in index.tolist() if not 0 <= int(i) < n_rows]
+        if bad:
+            raise NetshrinkError(f"index {bad[0]} is outside {name!r}, which has {n_rows} rows", where=str(source),
+                                 hint="calibration token ids must be smaller than the vocabulary size")
+        return torch.cat([self.read_rows(name, int(i), int(i) + 1) for i in index.tolist()]).float()
 
     def copy_to(self, names: list[str], path: Path, chunk_bytes: int = 1 << 20) -> None:
         """Write the named tensors unchanged into one new safetensors file (atomic).

@@ -12,7 +12,7 @@ import torch
 
 from netshrink.errors import NetshrinkError
 from netshrink.llm.context import BlockContext
-from netshrink.llm.gptq import inverse_hessian_cholesky
+from netshrink.llm.gptq import hand_over, inverse_hessian_cholesky, own_hessian
 from netshrink.llm.grid import assemble, round_slice, slice_qparams
 from netshrink.llm.packing import QuantizedWeight
 
@@ -53,11 +53,13 @@ class SparseGPT:
             raise NetshrinkError(f"sparsity must be in [0, 1), got {self.sparsity}", where="SparseGPT.sparsity")
 
 
-def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, config: SparseGPT, where: str = "layer"
-                    ) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight | None, dict]:
-    """Prune (and optionally quantize) W [out, in] against H; returns (new weight, keep mask, grid or None, info)."""
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, config: SparseGPT, where: str = "layer",
+                    consume_hessian: bool = False) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight | None, dict]:
+    """Prune (and optionally quantize) W [out, in] against H; returns (new weight, keep mask, grid or None, info).
+
+    `consume_hessian`: work in H's own storage and free it early (see `gptq_quantize`)."""
     W = W.detach().clone().float()
-    H = H.detach().clone().float()
+    H = own_hessian(H, consume_hessian)
     out_f, cols = W.shape
     prunen, prunem = parse_pattern(config.pattern)
     dead = torch.diag(H) == 0
@@ -68,7 +70,9 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, config: SparseGPT, where: 
     if bits and gs is None:
         s, z = slice_qparams(W, bits, sym)
         scales, zeros = [s], [z]
-    Hinv, damp = inverse_hessian_cholesky(H, config.damp, config.damp_retries, where)
+    box = [H]
+    del H
+    Hinv, damp = inverse_hessian_cholesky(hand_over(box), config.damp, config.damp_retries, where)
     pruned = torch.zeros(out_f, cols, dtype=torch.bool)
     codes = torch.zeros(out_f, cols, dtype=torch.uint8)
     losses = torch.zeros(out_f)
@@ -119,7 +123,8 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, config: SparseGPT, where: 
 def compress_block(ctx: BlockContext, config: SparseGPT) -> None:
     """SparseGPT every Linear of the block, true-sequential, Hessians from the calibration inputs."""
     def one(name, layer, stats):
-        W, keep, qw, info = sparsegpt_prune(layer.weight, stats.H(), config, where=f"{ctx.where}.{name}")
+        W, keep, qw, info = sparsegpt_prune(layer.weight, stats.take_H(), config, where=f"{ctx.where}.{name}",
+                                            consume_hessian=True)
         fields = dict(method="sparsegpt", sparsity=float(1 - keep.float().mean()), pattern=config.pattern or
                       "unstructured", damp=info["damp"])
         if qw is not None:

@@ -299,7 +299,7 @@ def quantize_(model: nn.Module, config: Config, calibration: Any = None, inplace
         from netshrink.quant.attention import use_bf16_attention
 
         use_bf16_attention(model)
-    if backend == "compile" and isinstance(config, Int8Dynamic):
+    if backend == "compile" and isinstance(config, Int8Dynamic) and config.fold_gelu:
         from netshrink.quant.ffn import fold_gelu_into_int8
 
         fold_gelu_into_int8(model)

@@ -31,7 +31,8 @@ class Int8Dynamic:
     """INT8 weights (symmetric, per output channel) and INT8 activations quantized per token at run time.
 
     `attention="bf16"` also runs the attention score/value matmuls of transformers models in BF16 ("auto" does so
-    when compiling; "fp32" keeps the model's own attention).
+    when compiling; "fp32" keeps the model's own attention). `fold_gelu`: when compiling, BERT-style FFNs quantize
+    FC2's input from the pre-GELU row maximum (`netshrink.quant.ffn`), evaluating the GELU once instead of twice.
     """
 
     per_channel: bool = True
@@ -40,6 +41,7 @@ class Int8Dynamic:
     fold_bn: bool = True
     backend: str = "auto"
     attention: str = "auto"
+    fold_gelu: bool = True
 
     def __post_init__(self) -> None:
         _check_backend(self.backend)

@@ -131,7 +131,7 @@ class Int8Linear(_Int8Base):
         (`kernels.quantize_after_gelu`); the reference path and static layers take gelu(y) the ordinary way."""
         if self.reference or self.mode != "dynamic":
             return self(F.gelu(y))
-        return kernels.linear_dynamic_after_gelu(y, self.q_w_t, self.weight_scale, self.bias)
+        return kernels.linear_dynamic(y, self.q_w_t, self.weight_scale, self.bias, kernels.quantize_after_gelu)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, mode={self.mode}, int8"
