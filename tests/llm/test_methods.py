@@ -233,21 +233,36 @@ def test_take_H_hands_over_the_scaled_hessian_once():
         stats.take_H()
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_consumed_hessian_gives_the_same_grid_with_about_two_matrices_of_memory(act_order):
-    """Handing the Hessian over changes no result, and GPTQ adds ~1 [in, in] matrix at its peak (it was ~3)."""
-    from netshrink.bench.memory import peak_rss_during
+_MEMORY_PROBE = """
+import json, sys, torch
+from netshrink.bench.memory import peak_rss_during
+from netshrink.llm.gptq import GPTQ, gptq_quantize
+torch.manual_seed(0)
+cols = 3072
+X = torch.randn(4 * cols, cols) + torch.randn(1, cols)
+H = 2 * X.t() @ X / X.shape[0]
+del X
+W = torch.randn(32, cols)
+config = GPTQ(4, 128, act_order=sys.argv[1] == "1")
+kept, _ = gptq_quantize(W, H, config)
+box = [H.clone()]
+(consumed, _), mem = peak_rss_during(lambda: gptq_quantize(W, box.pop(), config, consume_hessian=True))
+same = torch.equal(consumed.codes, kept.codes) and torch.equal(consumed.scales, kept.scales)
+print(json.dumps({"same": same, "growth_mib": mem["growth_mib"], "matrix_mib": H.numel() * 4 / 2 ** 20}))
+"""
 
-    torch.manual_seed(0)
-    cols = 3072
-    X = torch.randn(4 * cols, cols) + torch.randn(1, cols)
-    H = 2 * X.t() @ X / X.shape[0]
-    del X
-    W = torch.randn(32, cols)
-    config = GPTQ(4, 128, act_order=act_order)
-    kept, _ = gptq_quantize(W, H, config)
-    matrix_mib = H.numel() * 4 / 2 ** 20                   # 36 MiB
-    box = [H.clone()]
-    (consumed, _), mem = peak_rss_during(lambda: gptq_quantize(W, box.pop(), config, consume_hessian=True))
-    assert torch.equal(consumed.codes, kept.codes) and torch.equal(consumed.scales, kept.scales)
-    assert mem["growth_mib"] < 1.6 * matrix_mib, (mem, matrix_mib)   # was 2.8-3.1 matrices before the hand-over
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_consumed_hessian_gives_the_same_grid_with_about_one_more_matrix_of_memory(act_order):
+    """Handing the Hessian over changes no result, and GPTQ adds ~1 [in, in] matrix at its peak (it was ~3).
+
+    Measured in a fresh interpreter: after the rest of the suite, the allocator's state adds tens of MiB of noise."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, "1" if act_order else "0"], capture_output=True,
+                          text=True, timeout=600, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["same"]
+    assert result["growth_mib"] < 1.6 * result["matrix_mib"], result   # 2.8-3.1 matrices before the hand-over
