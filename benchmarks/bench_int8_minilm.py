@@ -168,6 +168,10 @@ def main() -> None:
         times: dict[str, dict[int, list[float]]] = {name: {1: [], 32: []} for name in variants}
         for _ in range(rounds):                                # interleaved: every variant once per round
             for name, fn in variants.items():
+                # let the previous variant's worker threads go idle first: onnxruntime's (and OpenMP's) pools
+                # spin-wait after a run, and a variant timed right after onnxruntime measured 9.2-9.8 ms at batch 1
+                # instead of 4.7-5.0 ms because those spinning threads held the second core
+                time.sleep(0.2)
                 for _ in range(5):
                     t = time.perf_counter()
                     fn(ids1, mask1)
