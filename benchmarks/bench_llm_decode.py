@@ -101,6 +101,7 @@ def bench_models(name: str, model, bandwidth: float, rounds: int, steps: int, qu
     times: dict[str, list[float]] = {k: [] for k in vs}
     for _ in range(rounds):
         for k, m in vs.items():
+            time.sleep(0.2)  # let the previous variant's thread pool (llama.cpp's, OpenMP's) stop spinning first
             times[k].append(timed(m, steps))
     base = statistics.median(times["FP32"])
     print(f"\n### {name} (bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads)\n")
