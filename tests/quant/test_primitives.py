@@ -91,6 +91,10 @@ def test_pack_unpack_int4_exact(rows, half_cols, signed, seed):
 def test_pack_int4_nibble_order():
     assert pack_int4(torch.tensor([1, 2], dtype=torch.int8)).item() == 0x21
     assert pack_int4(torch.tensor([-1, 0], dtype=torch.int8)).item() == 0x0F
+    codes = torch.arange(16, dtype=torch.uint8).repeat(3, 2)             # the uint8 fast path = the widened one
+    assert torch.equal(pack_int4(codes), pack_int4(codes.to(torch.int16)))
+    with pytest.raises(NetshrinkError, match="4-bit range"):
+        pack_int4(torch.tensor([3, 16], dtype=torch.uint8))
 
 
 def test_hand_computed_qparams():

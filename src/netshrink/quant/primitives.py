@@ -218,10 +218,15 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     if q.ndim == 0 or q.shape[-1] % 2:
         raise NetshrinkError(f"last dimension must be even to pack two codes a byte, shape {tuple(q.shape)}",
                              where="pack_int4")
-    wide = q.to(torch.int16)
-    if wide.numel() and (wide.min() < -8 or wide.max() > 15):
-        raise NetshrinkError("values outside the 4-bit range [-8, 15]", where="pack_int4")
-    nibbles = (wide & 0xF).to(torch.uint8)
+    if q.dtype == torch.uint8:      # unsigned codes (what the LLM grids hold): no widened copies of a large weight
+        if q.numel() and q.max() > 15:
+            raise NetshrinkError("values outside the 4-bit range [-8, 15]", where="pack_int4")
+        nibbles = q
+    else:
+        wide = q.to(torch.int16)
+        if wide.numel() and (wide.min() < -8 or wide.max() > 15):
+            raise NetshrinkError("values outside the 4-bit range [-8, 15]", where="pack_int4")
+        nibbles = (wide & 0xF).to(torch.uint8)
     return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
 
 
