@@ -44,7 +44,7 @@ class GPTQ:
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float, retries: int, where: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp*mean(diag H) I)^-1, raising the dampening tenfold on each failure.
 
-    H is consumed: pass a copy of your own and keep no reference to it (`hand_over`). It is dampened in place and
+    H is consumed: pass a copy of your own and keep no reference to it (e.g. `box.pop()` as the argument). It is dampened in place and
     freed as soon as its factor exists, so at most two [in, in] matrices are alive at any time (H and L, then L and
     H^-1, then H^-1 and U). In the rare case that H^-1 has no factor, H is rebuilt from H^-1 for the next try.
     """
@@ -76,12 +76,6 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, retries: int, where: 
                          hint="use more calibration samples")
 
 
-def hand_over(box: list[torch.Tensor]) -> torch.Tensor:
-    """Empty a one-element list and return its tensor: passing `hand_over(box)` as an argument leaves the callee the
-    only reference, so a function that consumes a large matrix can free it early."""
-    return box.pop()
-
-
 def own_hessian(H: torch.Tensor, consume: bool) -> torch.Tensor:
     """A method's working copy of H in float32: H itself when the caller handed it over, else a copy."""
     H = H.detach()
@@ -96,7 +90,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQ, where: str = "
     matrix nobody else holds, e.g. `InputStats.take_H()`), so a layer needs about two [in, in] matrices at its peak
     instead of about four (tested on a 3072-wide layer)."""
     W = W.detach().clone().float()
-    H = H.detach().float()          # the caller's unless consumed: never modified, copied (permuted or not) below
+    H = own_hessian(H, consume_hessian or config.act_order)   # act-order's permuted gather is a copy already
     out_f, cols = W.shape
     bits, sym, gs = config.bits, config.symmetric, config.group_size
     # Weights already pruned (SparseGPT, Wanda, 2:4) stay exactly zero: each is "quantized" to the zero code and its
@@ -121,14 +115,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQ, where: str = "
         perm = torch.argsort(diag, descending=True)
         # one gather (not H[perm][:, perm], which makes an intermediate copy); the unpermuted H is freed here
         W, H, pruned, dead = W[:, perm], H[perm.unsqueeze(1), perm.unsqueeze(0)], pruned[:, perm], dead[perm]
-    elif not consume_hessian:
-        H = H.clone()
     H[dead, dead] = 1
     invperm = torch.argsort(perm)
 
-    box = [H]
+    box = [H]                       # handed over below: inverse_hessian_cholesky holds the only reference
     del H
-    Hinv, damp = inverse_hessian_cholesky(hand_over(box), config.damp, config.damp_retries, where)
+    Hinv, damp = inverse_hessian_cholesky(box.pop(), config.damp, config.damp_retries, where)
     codes = torch.zeros(out_f, cols, dtype=torch.uint8)
     losses = torch.zeros(out_f)
     for i1 in range(0, cols, config.block_size):

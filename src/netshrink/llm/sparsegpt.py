@@ -12,7 +12,7 @@ import torch
 
 from netshrink.errors import NetshrinkError
 from netshrink.llm.context import BlockContext
-from netshrink.llm.gptq import hand_over, inverse_hessian_cholesky, own_hessian
+from netshrink.llm.gptq import inverse_hessian_cholesky, own_hessian
 from netshrink.llm.grid import assemble, round_slice, slice_qparams
 from netshrink.llm.packing import QuantizedWeight
 
@@ -70,9 +70,9 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, config: SparseGPT, where: 
     if bits and gs is None:
         s, z = slice_qparams(W, bits, sym)
         scales, zeros = [s], [z]
-    box = [H]
+    box = [H]                       # handed over below: inverse_hessian_cholesky holds the only reference
     del H
-    Hinv, damp = inverse_hessian_cholesky(hand_over(box), config.damp, config.damp_retries, where)
+    Hinv, damp = inverse_hessian_cholesky(box.pop(), config.damp, config.damp_retries, where)
     pruned = torch.zeros(out_f, cols, dtype=torch.bool)
     codes = torch.zeros(out_f, cols, dtype=torch.uint8)
     losses = torch.zeros(out_f)
