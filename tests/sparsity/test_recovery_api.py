@@ -146,3 +146,32 @@ def test_relation_term_trains_the_pairwise_similarities_toward_the_teacher():
     with torch.no_grad():    # and the pooled vectors themselves moved toward the teacher's
         b = batches[0]
         assert mean_pool(student(*b), b[1]).shape == (16, 16)
+
+
+def test_relation_term_also_acts_on_already_pooled_sentence_vectors():
+    """A sentence encoder (like the zoo's MiniLM wrapper) returns [batch, hidden]: the terms must use it as is."""
+    from netshrink.sparsity.recovery import _pooled_terms
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            self.inner = _TokenEncoder(seed)
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.inner(ids, mask).mean(dim=1)
+
+    teacher, gen = Pooled(0), torch.Generator().manual_seed(3)
+    batches = [(torch.randint(0, 50, (16, 7), generator=gen), torch.ones(16, 7, dtype=torch.long)) for _ in range(4)]
+    config = Distill(relation_weight=1.0)
+    b = batches[0]
+    with torch.no_grad():
+        s, t = Pooled(2)(*b), teacher(*b)
+        assert s.dim() == 2 and float(_pooled_terms(s, t, b, config)) > 0
+    errors = {}
+    for weight in (0.0, 10.0):
+        student = Pooled(2)
+        distill(student, teacher, batches, Distill(steps=60, lr=1e-2, relation_weight=weight, block_weight=0.0,
+                                                   cosine_weight=0.0))
+        with torch.no_grad():
+            errors[weight] = sum(float(_pooled_terms(student(*x), teacher(*x), x, config)) for x in batches)
+    assert errors[10.0] < errors[0.0]

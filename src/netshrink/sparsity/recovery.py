@@ -2,8 +2,8 @@
 
 The loss matches the outputs (MSE + cosine) and, where shapes agree, the outputs of same-named blocks
 (transformer layers keep the hidden size under FFN/head pruning), which gives many more targets per batch.
-For sentence encoders two optional terms act on the mean-pooled outputs (what an embedding model returns): their
-cosine to the teacher's, and the batch's pairwise cosine matrix against the teacher's, i.e. similarity-preserving
+For sentence encoders two optional terms act on the sentence vectors (the output itself when the model already
+pools, else the mean-pooled token states): their cosine to the teacher's, and the batch's pairwise cosine matrix against the teacher's, i.e. similarity-preserving
 distillation (Tung and Mori 2019): a similarity task reads only those pairwise cosines.
 """
 from __future__ import annotations
@@ -110,7 +110,12 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def _pooled_terms(s: torch.Tensor, t: torch.Tensor, batch: Any, config: Distill) -> torch.Tensor:
-    s_vec, t_vec = mean_pool(s, _attention_mask(batch)), mean_pool(t, _attention_mask(batch))
+    """The pooled-cosine and pairwise-similarity terms. Token states [batch, tokens, hidden] are mean-pooled first;
+    an output that is already one vector per input (a sentence encoder such as the zoo's MiniLM) is used as is."""
+    if s.dim() == 3:
+        s_vec, t_vec = mean_pool(s, _attention_mask(batch)), mean_pool(t, _attention_mask(batch))
+    else:
+        s_vec, t_vec = s.float(), t.float()
     loss = config.pooled_weight * (1 - F.cosine_similarity(s_vec, t_vec, dim=-1)).mean()
     if config.relation_weight and len(s_vec) > 1:
         s_unit, t_unit = F.normalize(s_vec, dim=-1), F.normalize(t_vec, dim=-1)
@@ -178,7 +183,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], conf
                     cache[key] = (t_out, dict(t_store))
             s_out = _first_tensor(_call(student, batch))
             loss = _match(s_out, t_out, config.cosine_weight)
-            if (config.pooled_weight or config.relation_weight) and s_out.dim() == 3:
+            if (config.pooled_weight or config.relation_weight) and s_out.dim() in (2, 3):
                 loss = loss + _pooled_terms(s_out, t_out, batch, config)
             matched = [n for n in blocks if n in s_store and n in t_store and s_store[n].shape == t_store[n].shape]
             if matched:
