@@ -1,15 +1,17 @@
 """Batch-1 decode speed on CPU: FP32, BF16, netshrink INT8 and INT4 (g128) against the memory-bandwidth floor.
 
 At batch 1 every weight byte is read once per token, so tokens/s <= bandwidth / weight bytes. The script measures
-this machine's read bandwidth, then for each variant (interleaved rounds, median) the decode time per token with a
+this machine's read bandwidth (at the start and once per timing round, as what a shared host leaves free drifts:
+one start-only reading gave 46 GB/s where others gave 78; the floor uses the highest reading), then for each variant (interleaved rounds, median) the decode time per token with a
 KV cache, the bytes it reads, and the share of its floor it reaches. Models: SmolLM2-135M and a synthetic
-Llama of ~0.5 B parameters (random weights: speed does not depend on them), where weight reading dominates the
+Llama of ~0.6 B parameters (random weights: speed does not depend on them), where weight reading dominates the
 per-layer Python overhead. Plus single Linears (4096x4096 and SmolLM2's shapes): the kernels alone.
 
 The packed variants pack the LM head too (`pack_lm_head`): see `variants`. Where llama-cpp-python is installed,
-llama.cpp decodes SmolLM2's own GGUF and netshrink's GGUF exports of it in the same rounds (weight bytes = file size).
+llama.cpp decodes SmolLM2's own GGUF and netshrink's GGUF exports of both models in the same rounds (weight bytes:
+the file's tensors, less the embedding table where the head is separate).
 
-    .venv/bin/python benchmarks/bench_llm_decode.py [--quick] [--threads N]
+    .venv/bin/python benchmarks/bench_llm_decode.py [--quick] [--threads N] [--only linear|smollm2|synthetic]
 """
 from __future__ import annotations
 
@@ -25,13 +27,14 @@ import warnings
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from netshrink.llm import RTN, PackedLinear, compress_llm, pack_lm_head, quantize_weight
+from netshrink.llm import RTN, PackedLinear, compress_llm, fuse_projections, pack_lm_head, quantize_weight
 from netshrink.llm.bandwidth import floor_tokens_per_s, measure_bandwidth, weight_bytes_per_token
 
 
 def variants(model, quick: bool) -> dict[str, torch.nn.Module]:
     """FP32, BF16, and netshrink INT8 / INT4 g128 blocks; the packed variants also pack the LM head (INT8 per
-    channel: a tied 49152x576 FP32 head alone reads 113 MB a token, more than SmolLM2's 30 INT4 blocks)."""
+    channel: a tied 49152x576 FP32 head alone reads 113 MB a token, more than SmolLM2's 30 INT4 blocks). The last
+    variant fuses each block's q/k/v and gate/up into one packed matmul each (`fuse_projections`)."""
     out = {"FP32": model, "BF16": copy.deepcopy(model).to(torch.bfloat16)}
     out["INT8 per-channel"] = pack_lm_head(compress_llm(model, RTN(8, None, symmetric=True), pack=True), 8)
     int4 = compress_llm(model, RTN(4, 128), pack=True)
@@ -39,6 +42,8 @@ def variants(model, quick: bool) -> dict[str, torch.nn.Module]:
         out["INT4 g128, FP32 head"] = copy.deepcopy(int4)
         out["INT4 g128 + INT4 g128 head"] = pack_lm_head(copy.deepcopy(int4), 4, 128)
     out["INT4 g128 + INT8 head"] = pack_lm_head(int4, 8)
+    out["INT4 g128 + INT8 head, q/k/v and gate/up fused"] = copy.deepcopy(out["INT4 g128 + INT8 head"])
+    fuse_projections(out["INT4 g128 + INT8 head, q/k/v and gate/up fused"])
     return out
 
 
@@ -62,6 +67,7 @@ class LlamaCpp:
         from llama_cpp import Llama
 
         self.path = path
+        self.weight_bytes = gguf_bytes_per_token(path)
         self.llm = Llama(model_path=str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads,
                          n_batch=64, verbose=False)
 
@@ -76,8 +82,19 @@ class LlamaCpp:
         return (time.perf_counter() - t0) / steps
 
 
-def gguf_variants(entry, folder: Path) -> dict[str, LlamaCpp]:
-    """llama.cpp on SmolLM2's own Q4_1 GGUF and on netshrink's GGUF exports (Q8_0, Q4_0) of the same model."""
+def gguf_bytes_per_token(path: Path) -> int:
+    """Bytes of the GGUF tensors a decoded token reads: all of them, less the token-embedding table when the model
+    has a separate output head (a token then reads one embedding row, not the table)."""
+    from gguf import GGUFReader
+
+    sizes = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    untied = "output.weight" in sizes
+    return sum(n for name, n in sizes.items() if not (untied and name == "token_embd.weight"))
+
+
+def gguf_variants(entry, folder: Path, tokenizer=None, package: bool = True) -> dict[str, LlamaCpp]:
+    """llama.cpp on netshrink's GGUF exports (Q8_0, Q4_0) of `entry` (a ZooModel, or a model plus `tokenizer`),
+    and with `package` on SmolLM2's own Q4_1 GGUF."""
     if importlib.util.find_spec("llama_cpp") is None:
         print("llama-cpp-python is not installed: no llama.cpp rows")
         return {}
@@ -85,14 +102,15 @@ def gguf_variants(entry, folder: Path) -> dict[str, LlamaCpp]:
     from netshrink.zoo.builtin import smollm2_path
 
     threads = torch.get_num_threads()
-    out = {"llama.cpp, package GGUF Q4_1": LlamaCpp(smollm2_path(), threads)}
+    out = {"llama.cpp, package GGUF Q4_1": LlamaCpp(smollm2_path(), threads)} if package else {}
     for scheme in ("Q8_0", "Q4_0"):
-        path = export(entry, "gguf", folder / f"smollm2-{scheme}.gguf", scheme=scheme)
+        path = export(entry, "gguf", folder / f"{len(list(folder.iterdir()))}-{scheme}.gguf", scheme=scheme,
+                      tokenizer=tokenizer)
         out[f"llama.cpp, netshrink GGUF {scheme}"] = LlamaCpp(path, threads)
     return out
 
 
-def bench_models(name: str, model, bandwidth: float, rounds: int, steps: int, quick: bool,
+def bench_models(name: str, model, bandwidths: list[float], rounds: int, steps: int, quick: bool,
                  extra: dict | None = None) -> None:
     vs = variants(model, quick)
     vs.update(extra or {})
@@ -103,13 +121,16 @@ def bench_models(name: str, model, bandwidth: float, rounds: int, steps: int, qu
         for k, m in vs.items():
             time.sleep(0.2)  # let the previous variant's thread pool (llama.cpp's, OpenMP's) stop spinning first
             times[k].append(timed(m, steps))
+        bandwidths.append(measure_bandwidth(256 if quick else 1024))
     base = statistics.median(times["FP32"])
-    print(f"\n### {name} (bandwidth {bandwidth / 1e9:.1f} GB/s, {torch.get_num_threads()} threads)\n")
+    bandwidth = max(bandwidths)
+    print(f"\n### {name} (bandwidth {bandwidth / 1e9:.1f} GB/s: the highest of {len(bandwidths)} readings so far, "
+          f"lowest {min(bandwidths) / 1e9:.1f}; {torch.get_num_threads()} threads)\n")
     print("| variant | weight MB/token | tokens/s | floor tokens/s | % of floor | speed-up vs FP32 |")
     print("|---|---|---|---|---|---|")
     for k, m in vs.items():
         t = statistics.median(times[k])
-        wb = m.path.stat().st_size if isinstance(m, LlamaCpp) else weight_bytes_per_token(m)
+        wb = m.weight_bytes if isinstance(m, LlamaCpp) else weight_bytes_per_token(m)
         floor = floor_tokens_per_s(wb, bandwidth)
         print(f"| {k} | {wb / 1e6:.1f} | {1 / t:.1f} | {floor:.1f} | {100 / t / floor:.0f}% | {base / t:.2f}x |")
 
@@ -119,7 +140,7 @@ def timed(model, steps: int) -> float:
 
 
 @torch.inference_mode()
-def bench_linear(n: int, k: int, bandwidth: float, rounds: int) -> None:
+def bench_linear(n: int, k: int, bandwidths: list[float], rounds: int) -> None:
     """One Linear [n, k] at batch 1: FP32, BF16 and the packed kernels, interleaved."""
     torch.manual_seed(0)
     w = torch.randn(n, k) * 0.02
@@ -145,7 +166,10 @@ def bench_linear(n: int, k: int, bandwidth: float, rounds: int) -> None:
     for _ in range(rounds):
         for name in layers:
             times[name].append(run(name))
-    print(f"\n### one {n}x{k} Linear, batch 1 (FP32 activations in and out for the packed layers)\n")
+        bandwidths.append(measure_bandwidth(256))
+    bandwidth = max(bandwidths)
+    print(f"\n### one {n}x{k} Linear, batch 1 (FP32 activations in and out for the packed layers; bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s, the highest of {len(bandwidths)} readings so far)\n")
     print("| variant | us | weight MB | floor us | % of floor | speed-up vs FP32 |")
     print("|---|---|---|---|---|---|")
     base = statistics.median(times["FP32"])
@@ -162,28 +186,35 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--only", choices=("linear", "smollm2", "synthetic"), default=None,
+                        help="run one section (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds, steps = (2, 8) if args.quick else (5, 32)
-    bandwidth = measure_bandwidth(256 if args.quick else 1024)
-    print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    bandwidths = [measure_bandwidth(256 if args.quick else 1024)]
+    print(f"first read-bandwidth reading: {bandwidths[0] / 1e9:.1f} GB/s (each table uses the highest reading so far)")
     shapes = [(4096, 4096), (1536, 576), (49152, 576)]  # a 7B-class square, SmolLM2's up_proj and its head
     if not args.quick:
         shapes += [(576, 576), (576, 1536)]
-    for n, k in shapes:
-        bench_linear(n, k, bandwidth, rounds)
+    if args.only in (None, "linear"):
+        for n, k in shapes:
+            bench_linear(n, k, bandwidths, rounds)
     from netshrink.zoo import load
     smol = load("smollm2")
     with tempfile.TemporaryDirectory() as folder:
-        bench_models("SmolLM2-135M", smol.model, bandwidth, rounds, steps, args.quick,
-                     gguf_variants(smol, Path(folder)))
-    if not args.quick:
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
-                          num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)
-        bench_models("synthetic Llama 0.5B (hidden 2048, 8 blocks)", LlamaForCausalLM(cfg).eval(), bandwidth,
-                     rounds, steps, args.quick)
+        if args.only in (None, "smollm2"):
+            bench_models("SmolLM2-135M", smol.model, bandwidths, rounds, steps, args.quick,
+                         gguf_variants(smol, Path(folder)))
+        if not args.quick and args.only in (None, "synthetic"):
+            # SmolLM2's vocabulary size, so that its tokenizer goes into the GGUF exports llama.cpp decodes
+            torch.manual_seed(0)
+            cfg = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                              num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)
+            synthetic = LlamaForCausalLM(cfg).eval()
+            bench_models("synthetic Llama 0.6B (hidden 2048, 8 blocks, vocabulary 49152)", synthetic, bandwidths,
+                         rounds, steps, args.quick,
+                         gguf_variants(synthetic, Path(folder), tokenizer=smol.tokenizer, package=False))
 
 
 if __name__ == "__main__":

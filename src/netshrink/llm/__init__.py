@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "compress_llm": "api", "pack_model": "api", "pack_lm_head": "api",
+    "compress_llm": "api", "pack_model": "api", "pack_lm_head": "api", "fuse_projections": "fuse",
     "RTN": "rtn", "GPTQ": "gptq", "AWQ": "awq", "SmoothQuant": "smoothquant", "SparseGPT": "sparsegpt",
     "Wanda": "wanda", "Magnitude": "magnitude",
     "gptq_quantize": "gptq", "sparsegpt_prune": "sparsegpt",
