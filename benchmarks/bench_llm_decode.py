@@ -29,12 +29,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from netshrink.llm import RTN, PackedLinear, compress_llm, fuse_projections, pack_lm_head, quantize_weight
 from netshrink.llm.bandwidth import floor_tokens_per_s, measure_bandwidth, weight_bytes_per_token
+from netshrink.llm.decode import LeanDecoder
 
 
 def variants(model, quick: bool) -> dict[str, torch.nn.Module]:
     """FP32, BF16, and netshrink INT8 / INT4 g128 blocks; the packed variants also pack the LM head (INT8 per
     channel: a tied 49152x576 FP32 head alone reads 113 MB a token, more than SmolLM2's 30 INT4 blocks). The last
-    variant fuses each block's q/k/v and gate/up into one packed matmul each (`fuse_projections`)."""
+    variant fuses each block's q/k/v and gate/up into one packed matmul each (`fuse_projections`), and the
+    "LeanDecoder" rows decode four of the variants with `netshrink.llm.decode.LeanDecoder` instead of the model's
+    own forward."""
     out = {"FP32": model, "BF16": copy.deepcopy(model).to(torch.bfloat16)}
     out["INT8 per-channel"] = pack_lm_head(compress_llm(model, RTN(8, None, symmetric=True), pack=True), 8)
     int4 = compress_llm(model, RTN(4, 128), pack=True)
@@ -44,7 +47,30 @@ def variants(model, quick: bool) -> dict[str, torch.nn.Module]:
     out["INT4 g128 + INT8 head"] = pack_lm_head(int4, 8)
     out["INT4 g128 + INT8 head, q/k/v and gate/up fused"] = copy.deepcopy(out["INT4 g128 + INT8 head"])
     fuse_projections(out["INT4 g128 + INT8 head, q/k/v and gate/up fused"])
+    for name in ("FP32", "BF16", "INT8 per-channel", "INT4 g128 + INT8 head"):
+        out[f"{name}, netshrink LeanDecoder"] = Lean(out[name])
     return out
+
+
+class Lean:
+    """netshrink's LeanDecoder over one of the variants (same weights, so the same bytes per token)."""
+
+    def __init__(self, model):
+        self.model, self.decoder = model, LeanDecoder(model, max_len=256)
+
+    @property
+    def weight_bytes(self) -> int:
+        return weight_bytes_per_token(self.model)   # read after the model's own row has built its kernel layouts
+
+    @torch.inference_mode()
+    def step_time(self, steps: int, prompt: int = 16) -> float:
+        """Seconds per decoded token (greedy), after a prefill of `prompt` tokens: as `step_time`."""
+        self.decoder.reset()
+        logits = self.decoder.forward(torch.randint(0, 1000, (prompt,)))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = self.decoder.forward(logits.argmax().reshape(1))
+        return (time.perf_counter() - t0) / steps
 
 
 @torch.inference_mode()
@@ -130,13 +156,13 @@ def bench_models(name: str, model, bandwidths: list[float], rounds: int, steps: 
     print("|---|---|---|---|---|---|")
     for k, m in vs.items():
         t = statistics.median(times[k])
-        wb = m.weight_bytes if isinstance(m, LlamaCpp) else weight_bytes_per_token(m)
+        wb = m.weight_bytes if isinstance(m, (LlamaCpp, Lean)) else weight_bytes_per_token(m)
         floor = floor_tokens_per_s(wb, bandwidth)
         print(f"| {k} | {wb / 1e6:.1f} | {1 / t:.1f} | {floor:.1f} | {100 / t / floor:.0f}% | {base / t:.2f}x |")
 
 
 def timed(model, steps: int) -> float:
-    return model.step_time(steps) if isinstance(model, LlamaCpp) else step_time(model, steps)
+    return model.step_time(steps) if isinstance(model, (LlamaCpp, Lean)) else step_time(model, steps)
 
 
 @torch.inference_mode()

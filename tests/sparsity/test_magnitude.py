@@ -1,6 +1,7 @@
 """Unstructured magnitude pruning: exact counts, global thresholds, masks that survive training, make_permanent."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
@@ -23,6 +24,12 @@ def _linears(model):
 @given(sparsity=st.floats(0.0, 0.99), seed=st.integers(0, 1000))
 def test_layer_scope_removes_exactly_the_share_of_each_layer(sparsity, seed):
     original = small_mlp(seed)
+    emptied = [n for n, m in _linears(original).items() if int(round(sparsity * m.weight.numel())) == m.weight.numel()]
+    if emptied:  # a layer left with no weight is refused, naming the first such layer
+        with pytest.raises(NetshrinkError, match="would remove every weight") as info:
+            prune_(original, Magnitude(sparsity=sparsity, scope="layer"))
+        assert info.value.where == emptied[0]
+        return
     model = prune_(original, Magnitude(sparsity=sparsity, scope="layer"))
     for name, m in _linears(model).items():
         mask = get_mask(m)
@@ -37,6 +44,16 @@ def test_layer_scope_removes_exactly_the_share_of_each_layer(sparsity, seed):
 @given(sparsity=st.floats(0.0, 0.99), seed=st.integers(0, 1000))
 def test_global_scope_uses_one_threshold_across_layers(sparsity, seed):
     original = small_mlp(seed)
+    weights = {n: m.weight.detach().abs().flatten() for n, m in _linears(original).items()}
+    everything = torch.cat(list(weights.values()))
+    k = int(round(sparsity * everything.numel()))
+    threshold = torch.sort(everything).values[k - 1] if k else -1.0
+    emptied = [n for n, w in weights.items() if bool((w <= threshold).all())]
+    if emptied:  # the one threshold would remove a whole layer: refused, naming it
+        with pytest.raises(NetshrinkError, match="global sparsity .* would remove every weight") as info:
+            prune_(original, Magnitude(sparsity=sparsity, scope="global"))
+        assert info.value.where == emptied[0]
+        return
     model = prune_(original, Magnitude(sparsity=sparsity, scope="global"))
     kept, dropped, total = [], [], 0
     for name, m in _linears(model).items():

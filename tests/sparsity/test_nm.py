@@ -76,7 +76,8 @@ def test_pack_bits_round_trip(bits, values):
 
 
 def test_nm_prune_on_real_cnn_pads_the_first_conv_and_groups_input_channels(digit_cnn, digits_batch):
-    model = prune_(digit_cnn, NM(2, 4))
+    with pytest.warns(UserWarning, match=r"^2:4 sparsity: padded .*: conv_layers\.0$"):
+        model = prune_(digit_cnn, NM(2, 4))
     result = model._netshrink_nm_result
     assert result.padded == ["conv_layers.0"]  # 1 input channel x 3 x 3 = 9, not divisible by 4
     for name in ("conv_layers.3", "conv_layers.6", "fc_layers.0", "fc_layers.2"):
@@ -93,7 +94,8 @@ def test_nm_prune_on_real_cnn_pads_the_first_conv_and_groups_input_channels(digi
 
 
 def test_skip_policy_leaves_layer_dense_and_says_so(digit_cnn):
-    model = prune_(digit_cnn, NM(2, 4, indivisible="skip"))
+    with pytest.warns(UserWarning, match=r"^2:4 sparsity: skipped, left dense .*: conv_layers\.0$"):
+        model = prune_(digit_cnn, NM(2, 4, indivisible="skip"))
     assert model._netshrink_nm_result.skipped == ["conv_layers.0"]
     assert get_mask(model.conv_layers[0]) is None
     assert "not divisible by 4" in model._netshrink_record["conv_layers.0"]["nm_skipped"]

@@ -134,7 +134,8 @@ def test_untraceable_model_names_the_op_and_falls_back_to_masks():
     torch.manual_seed(0)
     model = Untraceable()
     x = torch.randn(3, 4)
-    pruned = prune_(model, Structured(ratio=0.5), example_inputs=(x,))
+    with pytest.warns(UserWarning, match=r"not traceable at Untraceable.*fell back to masks"):
+        pruned = prune_(model, Structured(ratio=0.5), example_inputs=(x,))
     report = structured_report(pruned)
     assert report.mode == "masks" and "not traceable" in report.reason and "Untraceable" in report.reason
     assert "forward" in report.reason or "sum" in report.reason or "control flow" in report.reason
@@ -155,7 +156,8 @@ def test_forward_with_hard_coded_sizes_falls_back_to_masks():
     torch.manual_seed(0)
     model = HardCoded()
     x = torch.randn(2, 1, 4, 4)
-    pruned = prune_(model, Structured(ratio=0.5), example_inputs=(x,))
+    with pytest.warns(UserWarning, match=r"the cut model failed to run .*fell back to masks"):
+        pruned = prune_(model, Structured(ratio=0.5), example_inputs=(x,))
     report = structured_report(pruned)
     assert report.mode == "masks", report.lines()
     assert pruned.conv.weight.shape == (4, 1, 3, 3)

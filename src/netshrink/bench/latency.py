@@ -90,11 +90,32 @@ def latency(fn: Callable[..., object], inputs: tuple = (), warmup: int = 3, runs
 
 @torch.inference_mode()
 def decode_tokens_per_second(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int = 32,
-                             num_threads: int | None = None) -> dict[str, float]:
-    """Greedy decoding speed at batch 1 with a KV cache: tokens generated per second after the prompt."""
+                             num_threads: int | None = None, runtime: str = "auto") -> dict[str, float]:
+    """Greedy decoding speed at batch 1 with a KV cache: tokens generated per second after the prompt.
+
+    `runtime`: "lean" decodes with netshrink's `LeanDecoder` (Llama-family models), "transformers" with the model's
+    own `generate`, "auto" with the lean loop where the architecture is supported. The result's "lean" is 1.0 when
+    the lean loop ran."""
+    if runtime not in ("auto", "lean", "transformers"):
+        raise NetshrinkError(f"unknown decode runtime {runtime!r}", where="decode_tokens_per_second",
+                             hint="choose auto, lean or transformers")
+    lean = None
+    if runtime != "transformers":
+        from netshrink.llm.arch import SUPPORTED
+        from netshrink.llm.decode import LeanDecoder
+
+        if runtime == "lean" or getattr(getattr(model, "config", None), "model_type", None) in SUPPORTED:
+            lean = LeanDecoder(model, max_len=input_ids.shape[-1] + new_tokens + 1)
+
+    def run(n: int) -> object:
+        if lean is not None:
+            return lean.generate(input_ids, n)
+        return model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
     with threads(num_threads) as used:
-        model.generate(input_ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
-        prefill = time_call(lambda: model.generate(input_ids, max_new_tokens=1, min_new_tokens=1, do_sample=False))
-        total = time_call(lambda: model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False))
+        run(2)  # warm-up
+        prefill = time_call(lambda: run(1))
+        total = time_call(lambda: run(new_tokens))
     decode_ms = max(total - prefill, 1e-6)
-    return {"tokens_per_s": (new_tokens - 1) * 1000.0 / decode_ms, "prefill_ms": prefill, "threads": float(used)}
+    return {"tokens_per_s": (new_tokens - 1) * 1000.0 / decode_ms, "prefill_ms": prefill, "threads": float(used),
+            "lean": float(lean is not None)}

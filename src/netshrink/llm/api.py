@@ -10,7 +10,8 @@ from torch import nn
 
 from netshrink.errors import NetshrinkError
 from netshrink.llm.arch import arch_of
-from netshrink.llm.calibration import calibration_ids
+from netshrink.llm.calibration import calibration_ids, check_ids_in_vocab
+from netshrink.llm.checks import check_pack
 from netshrink.llm.grid import quantize_weight
 from netshrink.llm.packed_linear import PackedLinear
 from netshrink.llm.pipeline import NEEDS_CALIBRATION, method_of, pack_block, run_blocks
@@ -31,6 +32,7 @@ def compress_llm(model: nn.Module, config: Any, calibration: Any = None, *, toke
     `inplace`), with every change recorded in its layer record.
     """
     method_of(config)
+    check_pack(config, pack)
     arch = arch_of(model)
     if not inplace:
         model = copy.deepcopy(model)
@@ -42,7 +44,9 @@ def compress_llm(model: nn.Module, config: Any, calibration: Any = None, *, toke
             raise NetshrinkError(f"{type(config).__name__} needs calibration data", where="compress_llm",
                                  hint="pass calibration= text (with tokenizer=) or token ids")
         ids = calibration_ids(calibration, tokenizer, n_samples, seq_len, seed)
-        hidden = model.get_submodule(arch.embed)(ids).float()
+        embed = model.get_submodule(arch.embed)
+        check_ids_in_vocab(ids, embed.weight.shape[0], arch.embed + ".weight")
+        hidden = embed(ids).float()
         runner = BlockRunner(model.get_submodule("model.rotary_emb"), ids.shape[1], hidden.shape[-1], batch_size)
     records = run_blocks(layers, hidden, runner, config, arch.layers, pack, progress)
     for name, fields in records.items():

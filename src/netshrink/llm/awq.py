@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from netshrink.llm.arch import LINEARS, SCALE_PAIRS
+from netshrink.llm.checks import check, check_grid, is_int, is_real
 from netshrink.llm.context import BlockContext
 from netshrink.llm.grid import group_bounds, quantize_weight
 
@@ -33,6 +34,13 @@ class AWQ:
     clip_tokens: int = 512
 
     method = "awq"
+
+    def __post_init__(self) -> None:
+        check_grid(self)
+        check(self, "n_grid", is_int(self.n_grid) and self.n_grid > 0, "a positive integer")
+        check(self, "max_shrink", is_real(self.max_shrink) and 0 <= self.max_shrink < 1, "in [0, 1)")
+        check(self, "n_tokens", is_int(self.n_tokens) and self.n_tokens > 0, "a positive integer")
+        check(self, "clip_tokens", is_int(self.clip_tokens) and self.clip_tokens > 0, "a positive integer")
 
 
 def fake_quant(W: torch.Tensor, config: AWQ) -> torch.Tensor:

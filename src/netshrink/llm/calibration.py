@@ -16,6 +16,9 @@ def calibration_ids(calibration: Any, tokenizer: Any = None, n_samples: int = 32
     windows overlap (as in GPTQ's reference sampling).
     """
     if isinstance(calibration, torch.Tensor):
+        if calibration.is_floating_point() or calibration.is_complex() or calibration.dtype == torch.bool:
+            raise NetshrinkError(f"calibration ids must be integer token ids, got {calibration.dtype}",
+                                 where="calibration", hint="pass a LongTensor (e.g. a tokenizer's input_ids)")
         ids = calibration.long()
         if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise NetshrinkError(f"calibration ids must be [samples, seq_len], got {tuple(ids.shape)}",
@@ -38,3 +41,11 @@ def calibration_ids(calibration: Any, tokenizer: Any = None, n_samples: int = 32
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seq_len + 1, (n_samples,), generator=gen)
     return torch.stack([stream[s: s + seq_len] for s in starts.tolist()])
+
+
+def check_ids_in_vocab(ids: torch.Tensor, n_rows: int, embed: str) -> None:
+    """Every calibration token id is a row of the embedding `embed` (which has `n_rows` rows)."""
+    bad = ids[(ids < 0) | (ids >= n_rows)]
+    if bad.numel():
+        raise NetshrinkError(f"token id {int(bad[0])} is outside {embed!r}, which has {n_rows} rows",
+                             where="calibration", hint="calibration token ids must be smaller than the vocabulary size")

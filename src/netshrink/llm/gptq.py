@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from netshrink.errors import NetshrinkError
+from netshrink.llm.checks import check, check_grid, is_int, is_real
 from netshrink.llm.context import BlockContext
 from netshrink.llm.grid import assemble, round_slice, slice_qparams
 from netshrink.llm.packing import QuantizedWeight
@@ -36,6 +37,10 @@ class GPTQ:
     method = "gptq"
 
     def __post_init__(self) -> None:
+        check_grid(self)
+        check(self, "damp", is_real(self.damp) and self.damp > 0, "a positive number")
+        check(self, "block_size", is_int(self.block_size) and self.block_size > 0, "a positive integer")
+        check(self, "damp_retries", is_int(self.damp_retries) and self.damp_retries >= 0, "an integer >= 0")
         if self.act_order and self.group_size and not self.static_groups:
             raise NetshrinkError("act_order with group_size needs static_groups=True", where="GPTQ",
                                  hint="packed layouts store consecutive column groups")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from netshrink.errors import NetshrinkError
+from netshrink.llm.checks import check_sparsity
 from netshrink.llm.context import BlockContext
 from netshrink.llm.sparsegpt import parse_pattern
 from netshrink.llm.wanda import prune_mask
@@ -19,15 +19,16 @@ class Magnitude:
     method = "magnitude"
 
     def __post_init__(self) -> None:
-        parse_pattern(self.pattern)
-        if self.pattern is None and not 0 <= self.sparsity < 1:
-            raise NetshrinkError(f"sparsity must be in [0, 1), got {self.sparsity}", where="Magnitude.sparsity")
+        parse_pattern(self.pattern, where="Magnitude.pattern")
+        if self.pattern is None:
+            check_sparsity(self)
 
 
 def compress_block(ctx: BlockContext, config: Magnitude) -> None:
     """Prune every Linear of the block by weight magnitude alone."""
     def one(name, layer, _stats):
-        keep = prune_mask(layer.weight.detach().abs(), config.sparsity, config.pattern, per_row=False)
+        keep = prune_mask(layer.weight.detach().abs(), config.sparsity, config.pattern, per_row=False,
+                          where=f"{ctx.where}.{name}")
         ctx.set_weight(name, layer.weight.detach() * keep, None, method="magnitude",
                        sparsity=float(1 - keep.float().mean()), pattern=config.pattern or "unstructured")
     ctx.sequential(set(), one)

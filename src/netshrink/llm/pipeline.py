@@ -15,6 +15,7 @@ from torch import nn
 from netshrink.errors import NetshrinkError
 from netshrink.llm import awq, gptq, magnitude, rtn, smoothquant, sparsegpt, wanda
 from netshrink.llm.arch import LINEARS
+from netshrink.llm.checks import check_block_finite
 from netshrink.llm.context import QWEIGHT_ATTR, BlockContext
 from netshrink.llm.packed_linear import PackedLinear
 from netshrink.llm.runner import BlockRunner
@@ -57,6 +58,7 @@ def compress_block(block: nn.Module, hidden: torch.Tensor | None, runner: BlockR
     if hidden is not None and not torch.isfinite(hidden).all():
         raise NetshrinkError("input hidden states are NaN or Inf", where=where,
                              hint="an earlier block or the embeddings produce non-finite values")
+    check_block_finite(block, where)
     ctx = BlockContext(block, hidden, runner, where)
     method_of(config)(ctx, config)
     if pack:

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from netshrink.llm.checks import check_grid
 from netshrink.llm.context import BlockContext
 from netshrink.llm.grid import quantize_weight
 from netshrink.llm.packing import QuantizedWeight
@@ -20,6 +21,9 @@ class RTN:
     symmetric: bool = False
 
     method = "rtn"
+
+    def __post_init__(self) -> None:
+        check_grid(self)
 
 
 def record(config: RTN) -> dict:

@@ -22,6 +22,24 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 
 
+def read_json(path: Path) -> object:
+    """A JSON file's content; a file that is not valid JSON raises NetshrinkError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise NetshrinkError(f"not valid JSON ({exc})", where=str(path)) from exc
+
+
+def read_index(path: Path) -> dict[str, str]:
+    """The `weight_map` (tensor name -> shard file) of a `model.safetensors.index.json`."""
+    data = read_json(path)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise NetshrinkError("index has no 'weight_map' of tensor names to shard files", where=str(path),
+                             hint='expected {"weight_map": {"<tensor name>": "<shard file>", ...}}')
+    return weight_map
+
+
 class ShardedCheckpoint:
     """Tensor names -> shard files of a safetensors checkpoint folder (index json or a single file)."""
 
@@ -29,7 +47,7 @@ class ShardedCheckpoint:
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_index(index)
         else:
             files = sorted(self.folder.glob("*.safetensors"))
             if not files:

@@ -14,6 +14,7 @@ from torch import nn
 
 from netshrink.llm.arch import LINEARS, SCALE_PAIRS
 from netshrink.llm.awq import fold_scale
+from netshrink.llm.checks import check, is_real
 from netshrink.llm.context import BlockContext
 from netshrink.quant.primitives import QScheme, choose_qparams, quantize
 
@@ -26,6 +27,9 @@ class SmoothQuant:
     smooth: bool = True
 
     method = "smoothquant"
+
+    def __post_init__(self) -> None:
+        check(self, "alpha", is_real(self.alpha) and 0 <= self.alpha <= 1, "in [0, 1]")
 
 
 WEIGHT_SCHEME = QScheme(bits=8, symmetric=True, signed=True, granularity="channel", axis=0)

@@ -11,23 +11,32 @@ from dataclasses import dataclass
 import torch
 
 from netshrink.errors import NetshrinkError
+from netshrink.llm.checks import check, check_grid, check_sparsity, is_int, is_real
 from netshrink.llm.context import BlockContext
 from netshrink.llm.gptq import inverse_hessian_cholesky, own_hessian
 from netshrink.llm.grid import assemble, round_slice, slice_qparams
 from netshrink.llm.packing import QuantizedWeight
 
 
-def parse_pattern(pattern: str | None) -> tuple[int, int]:
+def parse_pattern(pattern: str | None, where: str = "pattern") -> tuple[int, int]:
     """"2:4" -> (2, 4): prune n of every m consecutive input weights; None -> (0, 0), unstructured."""
     if pattern is None:
         return 0, 0
     try:
         n, m = (int(v) for v in pattern.split(":"))
-    except ValueError as exc:
-        raise NetshrinkError(f"bad N:M pattern {pattern!r}", where="pattern", hint='write it like "2:4"') from exc
+    except (AttributeError, ValueError) as exc:
+        raise NetshrinkError(f"bad N:M pattern {pattern!r}", where=where, hint='write it like "2:4"') from exc
     if not 0 < n < m:
-        raise NetshrinkError(f"N:M pattern needs 0 < N < M, got {pattern!r}", where="pattern")
+        raise NetshrinkError(f"N:M pattern needs 0 < N < M, got {pattern!r}", where=where)
     return n, m
+
+
+def check_nm_fits(in_features: int, pattern: str | None, where: str) -> None:
+    """An N:M pattern needs M to divide the layer's input size (groups are consecutive input weights)."""
+    _, m = parse_pattern(pattern)
+    if m and in_features % m:
+        raise NetshrinkError(f"{in_features} input features do not split into groups of {m} (pattern {pattern!r})",
+                             where=where, hint="choose an M that divides the layer's input size, e.g. 2:4")
 
 
 @dataclass
@@ -48,9 +57,14 @@ class SparseGPT:
     method = "sparsegpt"
 
     def __post_init__(self) -> None:
-        parse_pattern(self.pattern)
-        if self.pattern is None and not 0 <= self.sparsity < 1:
-            raise NetshrinkError(f"sparsity must be in [0, 1), got {self.sparsity}", where="SparseGPT.sparsity")
+        _, m = parse_pattern(self.pattern, where="SparseGPT.pattern")
+        if self.pattern is None:
+            check_sparsity(self)
+        check_grid(self, bits_optional=True)
+        check(self, "damp", is_real(self.damp) and self.damp > 0, "a positive number")
+        check(self, "block_size", is_int(self.block_size) and self.block_size > 0 and self.block_size % max(m, 1) == 0,
+              f"a positive multiple of the pattern's M={m}" if m else "a positive integer")
+        check(self, "damp_retries", is_int(self.damp_retries) and self.damp_retries >= 0, "an integer >= 0")
 
 
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, config: SparseGPT, where: str = "layer",
@@ -61,6 +75,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, config: SparseGPT, where: 
     W = W.detach().clone().float()
     H = own_hessian(H, consume_hessian)
     out_f, cols = W.shape
+    check_nm_fits(cols, config.pattern, where)
     prunen, prunem = parse_pattern(config.pattern)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1

@@ -25,13 +25,14 @@ from netshrink.atomic import atomic_file, refuse_existing
 from netshrink.errors import NetshrinkError
 from netshrink.llm.arch import LINEARS, arch_for
 from netshrink.llm.context import QWEIGHT_ATTR, BlockContext
-from netshrink.llm.calibration import calibration_ids
+from netshrink.llm.calibration import calibration_ids, check_ids_in_vocab
+from netshrink.llm.checks import check_finite, check_pack
 from netshrink.llm.packed_linear import PackedLinear
 from netshrink.llm import rtn
 from netshrink.llm.pipeline import NEEDS_CALIBRATION, compress_block, method_of
 from netshrink.llm.rtn import RTN
 from netshrink.llm.runner import BlockRunner
-from netshrink.llm.safetensors_io import INDEX, ShardedCheckpoint
+from netshrink.llm.safetensors_io import INDEX, ShardedCheckpoint, read_json
 from netshrink.llm.smoothquant import W8A8Linear
 
 MANIFEST = "netshrink.json"
@@ -42,7 +43,9 @@ def read_config(src: Path):
     path = src / "config.json"
     if not path.exists():
         raise NetshrinkError("config.json missing", where=str(src))
-    raw = json.loads(path.read_text())
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise NetshrinkError("config.json is not a JSON object", where=str(path))
     arch = arch_for(raw.get("model_type"), where=str(path))
     config = arch.config_class().from_dict(raw)
     config._attn_implementation = "sdpa"
@@ -72,6 +75,23 @@ def check_names(ckpt: ShardedCheckpoint, arch, config, src: Path) -> None:
         detail = (f"missing {missing[:5]}" if missing else "") + (f" unexpected {extra[:5]}" if extra else "")
         raise NetshrinkError(f"tensor names do not match the {arch.model_type} architecture: {detail.strip()}",
                              where=str(src), hint=f"{len(missing)} missing, {len(extra)} unexpected")
+
+
+def check_shapes(ckpt: ShardedCheckpoint, arch, config) -> None:
+    """Every tensor's header shape is the one the architecture expects (the meta-device block's, and the config's
+    for the embedding, final norm and LM head), so a wrong-shaped tensor is refused before any block runs."""
+    with torch.device("meta"):
+        local = {k: list(v.shape) for k, v in arch.new_block(config, 0).state_dict().items()}
+    table = [config.vocab_size, config.hidden_size]
+    want = {arch.embed + ".weight": table, arch.norm + ".weight": [config.hidden_size], arch.lm_head + ".weight": table}
+    for i in range(config.num_hidden_layers):
+        want.update({f"{arch.layers}.{i}.{k}": shape for k, shape in local.items()})
+    for name in ckpt.names():
+        if name in want:
+            _, got, _, source = ckpt.raw_location(name)
+            if got != want[name]:
+                raise NetshrinkError(f"tensor {name} has shape {got}, expected {want[name]}", where=str(source),
+                                     hint="the weights do not fit config.json")
 
 
 def fingerprint(src: Path, config: Any, ids: torch.Tensor | None, pack: bool) -> str:
@@ -124,6 +144,7 @@ def compress_block_lazily(ckpt: ShardedCheckpoint, arch, config, i: int, method_
         keys = {p: f"{prefix}{name}.{p}" for p, _ in layer.named_parameters()}
         tensors = ckpt.load(keys.values())
         for p, key in keys.items():
+            check_finite(tensors[key], f"{where}.{name}", p)
             setattr(layer, p, nn.Parameter(tensors[key], requires_grad=False))
 
     def exit_(name: str) -> None:
@@ -147,9 +168,17 @@ def _rtn_packed_from_disk(ckpt: ShardedCheckpoint, block: nn.Module, prefix: str
         _, shape, _, _ = ckpt.raw_location(key)
         if len(shape) != 2:
             raise NetshrinkError(f"expected a 2-d weight, got shape {shape}", where=key)
-        qw = rtn.quantize_in_row_chunks(lambda a, b, key=key: ckpt.read_rows(key, a, b).float(), shape[0], config)
+
+        def read(a: int, b: int, key: str = key, name: str = name) -> torch.Tensor:
+            rows = ckpt.read_rows(key, a, b).float()
+            check_finite(rows, f"{where}.{name}")
+            return rows
+
+        qw = rtn.quantize_in_row_chunks(read, shape[0], config)
         bias_key = f"{prefix}{name}.bias"
         bias = ckpt.read(bias_key).float() if bias_key in ckpt.weight_map else None
+        if bias is not None:
+            check_finite(bias, f"{where}.{name}", "bias")
         parent_name, _, child = name.rpartition(".")
         setattr(block.get_submodule(parent_name), child, PackedLinear.from_quantized(qw, bias))
     return block.eval()
@@ -163,15 +192,18 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike, config: 
     """Compress checkpoint folder `src` into new folder `out` block by block (see module doc); returns `out`."""
     src, out = Path(src), refuse_existing(out, "output checkpoint")
     method_of(config)
+    check_pack(config, pack)
     arch, hf_config, raw_config = read_config(src)
     ckpt = ShardedCheckpoint(src)
     check_names(ckpt, arch, hf_config, src)
+    check_shapes(ckpt, arch, hf_config)
     n_blocks = hf_config.num_hidden_layers
     ids = None
     if calibration is not None or isinstance(config, NEEDS_CALIBRATION):
         if calibration is None:
             raise NetshrinkError(f"{type(config).__name__} needs calibration data", where="compress_checkpoint")
         ids = calibration_ids(calibration, tokenizer, n_samples, seq_len, seed)
+        check_ids_in_vocab(ids, ckpt.raw_location(arch.embed + ".weight")[1][0], arch.embed + ".weight")
     work = out.parent / f".{out.name}.partial"
     state_path = work / "state.json"
     fp = fingerprint(src, config, ids, pack)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from netshrink.errors import NetshrinkError
+from netshrink.llm.checks import check_sparsity
 from netshrink.llm.context import BlockContext
-from netshrink.llm.sparsegpt import parse_pattern
+from netshrink.llm.sparsegpt import check_nm_fits, parse_pattern
 
 
 @dataclass
@@ -25,18 +25,19 @@ class Wanda:
     method = "wanda"
 
     def __post_init__(self) -> None:
-        parse_pattern(self.pattern)
-        if self.pattern is None and not 0 <= self.sparsity < 1:
-            raise NetshrinkError(f"sparsity must be in [0, 1), got {self.sparsity}", where="Wanda.sparsity")
+        parse_pattern(self.pattern, where="Wanda.pattern")
+        if self.pattern is None:
+            check_sparsity(self)
 
 
-def prune_mask(score: torch.Tensor, sparsity: float, pattern: str | None, per_row: bool = True) -> torch.Tensor:
-    """Keep-mask removing the lowest scores: per row (or over the whole layer) or n of every m along a row."""
+def prune_mask(score: torch.Tensor, sparsity: float, pattern: str | None, per_row: bool = True,
+               where: str = "N:M pattern") -> torch.Tensor:
+    """Keep-mask removing the lowest scores: per row (or over the whole layer) or n of every m along a row
+    (`where`, the layer's name, is what an error names)."""
     out_f, in_f = score.shape
     n, m = parse_pattern(pattern)
     if n:
-        if in_f % m:
-            raise NetshrinkError(f"{in_f} input features do not split into groups of {m}", where="N:M pattern")
+        check_nm_fits(in_f, pattern, where)
         groups = score.reshape(out_f, in_f // m, m)
         drop = torch.topk(groups, n, dim=-1, largest=False).indices
         mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, drop, False)
@@ -61,7 +62,8 @@ def wanda_scores(W: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
 def compress_block(ctx: BlockContext, config: Wanda) -> None:
     """Wanda every Linear of the block, input norms from the calibration activations."""
     def one(name, layer, stats):
-        keep = prune_mask(wanda_scores(layer.weight, stats.sq_norm), config.sparsity, config.pattern)
+        keep = prune_mask(wanda_scores(layer.weight, stats.sq_norm), config.sparsity, config.pattern,
+                          where=f"{ctx.where}.{name}")
         ctx.set_weight(name, layer.weight.detach() * keep, None, method="wanda",
                        sparsity=float(1 - keep.float().mean()), pattern=config.pattern or "unstructured")
     ctx.sequential({"sq_norm"}, one, config.true_sequential)

@@ -1,18 +1,22 @@
 """`quantize_(model, config, calibration=None, inplace=False)`: post-training quantization with one call.
 
-Steps: copy the model (unless `inplace`), fold Conv -> BatchNorm pairs, decide each layer's format (config,
-per-layer `overrides` by glob pattern, `skip` patterns), calibrate activation ranges when a static config needs
-them, swap in the quantized layers, record what happened per layer, and optionally compile the result in place.
-Layers that have no quantized kernel are left in float and listed in the report (`quant_report(model)`).
+Steps: check that every `skip` / `overrides` pattern selects a layer, copy the model (unless `inplace`), fold
+Conv -> BatchNorm pairs, decide each layer's format (config, per-layer `overrides` by glob pattern, `skip`
+patterns), check the weights and biases of those layers for NaN / Inf, calibrate activation ranges when a static
+config needs them, swap in the quantized layers, record what happened per layer, and optionally compile the result
+in place. Layers that have no quantized kernel are left in float and listed in the report (`quant_report(model)`).
+A call that fails leaves the input model as it was, also with `inplace=True` (folds are undone).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
 import fnmatch
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -82,6 +86,64 @@ def _has_own_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
+def layer_names(model: nn.Module) -> list[str]:
+    """Names of the modules that hold their own parameters: the names `_plan` matches patterns against (the same
+    set as the recipe layer's `netshrink.recipes.bind.layer_names`)."""
+    return [name for name, module in model.named_modules() if name and _has_own_params(module)]
+
+
+def check_patterns(model: nn.Module, label: str, skip: Iterable[str], overrides: Iterable[str] = ()) -> None:
+    """Every `skip` / `overrides` pattern of a config must select at least one layer of `model`, by the rule that
+    applies them (fnmatch on `layer_names`); a typo would otherwise silently do nothing. `label` names the config
+    in the error, e.g. ``Int8Dynamic.skip[0]`` or ``Int8Static.overrides['*.fc']``."""
+    names = layer_names(model)
+    fields = [(f"{label}.skip[{i}]", pattern) for i, pattern in enumerate(skip)]
+    fields += [(f"{label}.overrides[{pattern!r}]", pattern) for pattern in overrides]
+    for where, pattern in fields:
+        if not isinstance(pattern, str):
+            raise NetshrinkError(f"pattern {pattern!r} is not a string", where=where,
+                                 hint="patterns are module-name globs such as '*.classifier'")
+        if _matches_any(pattern, names):
+            continue
+        inside = [n for n in names if n.startswith(pattern + ".") or fnmatch.fnmatchcase(n, pattern + ".*")]
+        close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.5)
+        if inside:
+            hint = f"did you mean '{pattern}.*'? a pattern selects layers by their own name, not a module holding them"
+        elif close:
+            hint = f"did you mean '{close[0]}'?"
+        elif names:
+            hint = f"layers look like: {', '.join(names[:4])}, ..."
+        else:
+            hint = "this model has no layers with parameters"
+        raise NetshrinkError(f"pattern '{pattern}' matches no layer of this model", where=where, hint=hint)
+
+
+def _matches_any(pattern: str, names: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for name in names)
+
+
+def check_finite(model: nn.Module, layers: Iterable[str], whole_model_except: Collection[str] | None = None) -> None:
+    """NaN / Inf in a parameter (weight, bias, ...) of a layer about to be quantized is an error naming that layer.
+
+    Run before calibration, which would otherwise report it as bad activations at the input of a later layer.
+    `layers` are checked with all their parameters; with `whole_model_except` (a whole-model cast), every other layer
+    with its own parameters is checked too, except those names and the layers inside them."""
+    layers = set(layers)
+    inside = tuple(f"{name}." for name in (*layers, *(whole_model_except or ())))
+    for name, module in model.named_modules():
+        if name in layers:
+            params = module.named_parameters()
+        elif whole_model_except is not None and name and name not in whole_model_except \
+                and not name.startswith(inside):
+            params = module.named_parameters(recurse=False)
+        else:
+            continue
+        for param_name, param in params:
+            if not torch.isfinite(param.detach()).all():
+                raise NetshrinkError(f"{param_name} contains NaN or Inf", where=name,
+                                     hint="fix or retrain the layer first")
+
+
 def _plan(model: nn.Module, config: Config) -> tuple[dict[str, Config], dict[str, str]]:
     """Decide per layer: {name: config} for layers to quantize, {name: reason} for layers left in float."""
     todo: dict[str, Config] = {}
@@ -123,6 +185,13 @@ def _batches(calibration: Any) -> Iterable[Any]:
     return calibration
 
 
+def _is_empty(batch: Any) -> bool:
+    """A batch whose tensors all have no elements (e.g. ``torch.empty(0, 8)``): running it would observe nothing."""
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else (batch,)
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    return bool(tensors) and all(t.numel() == 0 for t in tensors)
+
+
 def _run(model: nn.Module, batch: Any) -> None:
     if isinstance(batch, dict):
         model(**batch)
@@ -134,19 +203,27 @@ def _run(model: nn.Module, batch: Any) -> None:
 
 @torch.no_grad()
 def feed_calibration(model: nn.Module, pre_hooks: dict[str, Callable], calibration: Any, where: str) -> None:
-    """Run every calibration batch through `model` with forward pre-hooks on the named layers (removed after);
-    an empty calibration set is an error, since nothing would have been observed."""
+    """Run every calibration batch through `model` with forward pre-hooks on the named layers (removed after).
+
+    Batches with no rows are left out; an empty calibration set (none left) is an error, since nothing would have
+    been observed."""
     handles = [model.get_submodule(name).register_forward_pre_hook(hook) for name, hook in pre_hooks.items()]
-    seen = 0
+    seen = empty = 0
     try:
         for batch in _batches(calibration):
+            if _is_empty(batch):
+                empty += 1
+                continue
             _run(model, batch)
             seen += 1
     finally:
         for handle in handles:
             handle.remove()
     if seen == 0:
-        raise NetshrinkError("the calibration set is empty", where=where, hint="pass at least one batch of real inputs")
+        what = "the calibration set is empty"
+        if empty:
+            what += ": its one batch has 0 rows" if empty == 1 else f": all {empty} batches have 0 rows"
+        raise NetshrinkError(what, where=where, hint="pass at least one batch of real inputs")
 
 
 def calibrate(model: nn.Module, layers: dict[str, Int8Static], calibration: Any) -> dict[str, tuple]:
@@ -239,6 +316,26 @@ def _is_transformers(model: nn.Module) -> bool:
     return any(hasattr(m, "config") and hasattr(m, "set_attn_implementation") for m in model.modules())
 
 
+@contextlib.contextmanager
+def restored_on_error(model: nn.Module, inplace: bool) -> Iterator[list[Callable[[], None]] | None]:
+    """For an in-place call: if the block raises, undo what it did to `model` before the error propagates (the
+    BatchNorm folds registered in the yielded undo list, and the train / eval mode of every module). A copy needs
+    no undo, so None is yielded then."""
+    if not inplace:
+        yield None
+        return
+    undo: list[Callable[[], None]] = []
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield undo
+    except BaseException:
+        for restore in reversed(undo):
+            restore()
+        for module, training in modes:
+            module.training = training
+        raise
+
+
 def quantize_(model: nn.Module, config: Config, calibration: Any = None, inplace: bool = False) -> nn.Module:
     """Quantize `model` as `config` says and return it (a copy unless `inplace=True`).
 
@@ -253,21 +350,26 @@ def quantize_(model: nn.Module, config: Config, calibration: Any = None, inplace
     if quant_report(model) is not None:
         raise NetshrinkError("this model is already quantized by netshrink", where="quantize_",
                              hint="quantize the original float model")
+    check_patterns(model, type(config).__name__, config.skip, config.overrides)
     if not inplace:
         model = copy.deepcopy(model)
-    model.eval()
     report = QuantReport(config=repr(config))
-    if config.fold_bn:
-        report.folded = fold_batchnorms(model)
-        for name in report.folded:
-            note(model, name, batchnorm_folded=True)
-
-    todo, skipped = _plan(model, config)
+    with restored_on_error(model, inplace) as undo:
+        model.eval()
+        if config.fold_bn:
+            report.folded = fold_batchnorms(model, undo)
+        todo, skipped = _plan(model, config)
+        check_finite(model, todo, skipped if isinstance(config, (BF16, FP16)) else None)
+        static = {name: cfg for name, cfg in todo.items() if isinstance(cfg, Int8Static)}
+        ranges = calibrate(model, static, calibration) if static else {}
+        # BF16 / FP16 layers are cast in place, so they are built after every layer whose build could still fail
+        order = sorted(todo, key=lambda name: isinstance(todo[name], (BF16, FP16)))
+        made = {name: _build(name, model.get_submodule(name), todo[name], ranges) for name in order}
+        built = {name: made[name] for name in todo}
     report.skipped.update(skipped)
-    static = {name: cfg for name, cfg in todo.items() if isinstance(cfg, Int8Static)}
-    ranges = calibrate(model, static, calibration) if static else {}
+    for name in report.folded:
+        note(model, name, batchnorm_folded=True)
 
-    built = {name: _build(name, model.get_submodule(name), cfg, ranges) for name, cfg in todo.items()}
     if isinstance(config, (BF16, FP16)):
         dtype = torch.bfloat16 if isinstance(config, BF16) else torch.float16
         kept = {name: model.get_submodule(name) for name in skipped}

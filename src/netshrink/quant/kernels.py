@@ -66,9 +66,20 @@ def quantize_static(x2d: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     return torch.clamp(torch.round(x2d.float() / scale) + zero_point, qmin, qmax).to(torch.int8)
 
 
+def row_major(m: torch.Tensor) -> torch.Tensor:
+    """`m` (2-d) with the standard strides (columns, 1), copied only when it has others.
+
+    torch._int_mm on CPU takes the strides as they are, and a matrix with a dimension of size 1 counts as contiguous
+    whatever that dimension's stride (the transpose of a [1, K] or [N, 1] matrix, a one-row view): given such a
+    matrix it returns wrong sums. Found by tests/quant/test_kernels_property.py (in_features=1, out_features=1)."""
+    if m.stride() == (m.shape[1], 1):
+        return m
+    return m.clone(memory_format=torch.contiguous_format)
+
+
 def int8_gemm(q_x: torch.Tensor, q_w_t: torch.Tensor) -> torch.Tensor:
-    """int32 [M, N] = int8 [M, K] @ int8 [K, N], exact."""
-    return torch._int_mm(q_x, q_w_t)
+    """int32 [M, N] = int8 [M, K] @ int8 [K, N], exact (both operands in the standard row-major layout)."""
+    return torch._int_mm(row_major(q_x), row_major(q_w_t))
 
 
 def linear_dynamic(x: torch.Tensor, q_w_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

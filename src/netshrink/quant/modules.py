@@ -69,7 +69,7 @@ class _Int8Base(nn.Module):
     def _prepare(self) -> None:
         """Derived, non-saved tensors: the [K, N] weight codes _int_mm wants, and their column sums."""
         q2d = self.weight_int8.reshape(self.weight_int8.shape[0], -1)
-        self.register_buffer("q_w_t", q2d.t().contiguous(), persistent=False)
+        self.register_buffer("q_w_t", kernels.row_major(q2d.t().contiguous()), persistent=False)
         self.register_buffer("w_sum", q2d.sum(1, dtype=torch.int32).float(), persistent=False)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # keep derived tensors in step with loaded codes

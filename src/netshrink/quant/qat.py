@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from netshrink.errors import NetshrinkError
-from netshrink.quant.api import REPORT_ATTR, QuantReport, _set_module, feed_calibration
+from netshrink.quant.api import (REPORT_ATTR, QuantReport, _set_module, check_finite, check_patterns,
+                                 feed_calibration, restored_on_error)
 from netshrink.quant.fold import fold_batchnorms
 from netshrink.quant.modules import Int8Conv2d, Int8Linear
 from netshrink.record import note
@@ -131,36 +132,46 @@ def _targets(model: nn.Module, config: QATConfig) -> list[str]:
 @torch.no_grad()
 def prepare_qat(model: nn.Module, config: QATConfig | None = None, calibration: Any = None,
                 inplace: bool = False) -> nn.Module:
-    """Swap Linear / Conv2d layers for fake-quantized ones with learnable steps, initialised from `calibration`."""
+    """Swap Linear / Conv2d layers for fake-quantized ones with learnable steps, initialised from `calibration`.
+
+    `config.skip` patterns must each select a layer, and the weights and biases are checked for NaN / Inf before
+    calibration; a call that fails leaves the input model as it was, also with `inplace=True`."""
     config = config or QATConfig()
     if calibration is None:
         raise NetshrinkError("prepare_qat needs calibration data to start the activation steps", where="prepare_qat",
                              hint="pass a batch or a few batches of training inputs")
+    check_patterns(model, "QATConfig", config.skip)
     if not inplace:
         model = copy.deepcopy(model)
-    model.eval()
-    if config.fold_bn:
-        fold_batchnorms(model)
-    names = _targets(model, config)
-    lows = {n: math.inf for n in names}
-    highs = {n: -math.inf for n in names}
+    with restored_on_error(model, inplace) as undo:
+        model.eval()
+        if config.fold_bn:
+            fold_batchnorms(model, undo)
+        names = _targets(model, config)
+        check_finite(model, names)
+        lows = {n: math.inf for n in names}
+        highs = {n: -math.inf for n in names}
 
-    def hook_for(name: str):
-        def hook(_module, args):
-            x = args[0]
-            if not torch.isfinite(x).all():
-                raise NetshrinkError("calibration activations contain NaN or Inf at the input of this layer",
-                                     where=name)
-            lows[name] = min(lows[name], float(x.min()))
-            highs[name] = max(highs[name], float(x.max()))
-        return hook
+        def hook_for(name: str):
+            def hook(_module, args):
+                x = args[0]
+                if x.numel() == 0:
+                    return
+                if not torch.isfinite(x).all():
+                    raise NetshrinkError("calibration activations contain NaN or Inf at the input of this layer",
+                                         where=name)
+                lows[name] = min(lows[name], float(x.min()))
+                highs[name] = max(highs[name], float(x.max()))
+            return hook
 
-    feed_calibration(model, {n: hook_for(n) for n in names}, calibration, where="prepare_qat")
-    for name in names:
-        layer = _QATLayer(model.get_submodule(name), config, name)
-        if lows[name] == math.inf:
-            raise NetshrinkError("calibration never reached this layer", where=name, hint="add it to skip")
-        layer.init_input(lows[name], highs[name])
+        feed_calibration(model, {n: hook_for(n) for n in names}, calibration, where="prepare_qat")
+        layers = {}
+        for name in names:
+            if lows[name] == math.inf:
+                raise NetshrinkError("calibration never reached this layer", where=name, hint="add it to skip")
+            layers[name] = _QATLayer(model.get_submodule(name), config, name)
+            layers[name].init_input(lows[name], highs[name])
+    for name, layer in layers.items():                 # swapped only once every layer is ready
         _set_module(model, name, layer)
     return model
 

@@ -1,6 +1,7 @@
 """Which layers pruning touches: Linear and Conv weights by default, never a weight shared between modules (tied)."""
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from typing import Iterable
 
@@ -21,10 +22,37 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
+def no_match(pattern: str, names: list[str], where: str, what: str = "layer", kind: str = "pattern") -> NetshrinkError:
+    """The error for a pattern (or exact `kind='name'`) that selects nothing, with the closest name as a hint."""
+    close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.5)
+    if kind == "pattern" and any(fnmatch.fnmatchcase(n, pattern + ".*") for n in names):
+        hint = f"patterns match whole {what} names: did you mean '{pattern}.*'?"
+    elif close:
+        hint = f"did you mean '{close[0]}'?"
+    else:
+        hint = f"{what}s look like: {', '.join(names[:4])}" + (", ..." if len(names) > 4 else "")
+    return NetshrinkError(f"{kind} '{pattern}' matches no {what} of this model", where=where, hint=hint)
+
+
+def check_exclude(model: nn.Module, exclude: Iterable[str], where: str) -> None:
+    """Every exclude pattern must select a Linear/Conv layer (by the rule `prunable_layers` applies), or name exactly
+    a layer pruning never touches (a norm or an embedding; recipes pass such names when a pattern spans a block)."""
+    candidates = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+    untouched = {n for n, m in model.named_modules()
+                 if n and any(True for _ in m.parameters(recurse=False))
+                 and not any(isinstance(sub, PRUNABLE_TYPES) for sub in m.modules())}
+    for i, pattern in enumerate(exclude):
+        if pattern not in untouched and not any(_matches(n, [pattern]) for n in candidates):
+            raise no_match(pattern, candidates, f"{where}[{i}]")
+
+
 def prunable_layers(
-    model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] = ()
+    model: nn.Module, include: Iterable[str] | None = None, exclude: Iterable[str] = (), where: str = "exclude"
 ) -> dict[str, nn.Module]:
-    """Linear/Conv layers of `model` selected by fnmatch patterns; tied weights (e.g. an lm_head) are left out."""
+    """Linear/Conv layers of `model` selected by fnmatch patterns; tied weights (e.g. an lm_head) are left out.
+
+    An exclude pattern that selects no layer is refused, naming it as `where[i]` (e.g. "Magnitude.exclude[0]").
+    """
     seen: dict[int, str] = {}
     shared: set[int] = set()
     for _, module in model.named_modules():
@@ -35,6 +63,7 @@ def prunable_layers(
             seen.setdefault(pid, id(module))
     exclude = tuple(exclude)
     include = tuple(include) if include is not None else None
+    check_exclude(model, exclude, where)
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not isinstance(module, PRUNABLE_TYPES):

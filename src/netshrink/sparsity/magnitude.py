@@ -10,7 +10,7 @@ from torch import nn
 from netshrink.errors import NetshrinkError
 from netshrink.record import note
 from netshrink.sparsity.importance import KINDS, LossFn, weight_scores
-from netshrink.sparsity.layers import prunable_layers
+from netshrink.sparsity.layers import no_match, prunable_layers
 from netshrink.sparsity.masks import set_mask
 
 
@@ -60,10 +60,12 @@ def compute_masks(scores: dict[str, torch.Tensor], config: Magnitude) -> dict[st
         masks[name] = lowest_k_mask(s, int(round(config.per_layer[name] * s.numel())))
     rest = {n: s for n, s in scores.items() if n not in fixed}
     if not rest:
+        _refuse_empty_layers(masks, config)
         return masks
     if config.scope == "layer":
         for name, s in rest.items():
             masks[name] = lowest_k_mask(s, int(round(config.sparsity * s.numel())))
+        _refuse_empty_layers(masks, config)
         return masks
     flat = torch.cat([s.flatten() for s in rest.values()])
     global_mask = lowest_k_mask(flat, int(round(config.sparsity * flat.numel())))
@@ -71,17 +73,34 @@ def compute_masks(scores: dict[str, torch.Tensor], config: Magnitude) -> dict[st
     for name, s in rest.items():
         masks[name] = global_mask[offset:offset + s.numel()].view_as(s)
         offset += s.numel()
+    _refuse_empty_layers(masks, config)
     return masks
+
+
+def _refuse_empty_layers(masks: dict[str, torch.Tensor], config: Magnitude) -> None:
+    """A layer with no weight left cuts the model in two: refuse it, naming the layer and how to spare it."""
+    for name, mask in masks.items():
+        if mask.numel() == 0 or bool(mask.any()):
+            continue
+        if name in config.per_layer:
+            what, hint = f"per_layer sparsity {config.per_layer[name]}", f"lower Magnitude.per_layer[{name!r}]"
+        elif config.scope == "global":
+            what, hint = f"global sparsity {config.sparsity}", "use scope='layer', a per_layer entry, or exclude it"
+        else:
+            what, hint = f"sparsity {config.sparsity}", "give it a lower per_layer sparsity, or exclude it"
+        raise NetshrinkError(f"{what} would remove every weight of this layer (0 of {mask.numel()} kept)",
+                             where=name, hint=hint)
 
 
 def magnitude_prune(model: nn.Module, config: Magnitude, calibration: Iterable[Any] | None = None,
                     loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
     """Put unstructured masks on `model` in place (weights stay in memory, zeros under the mask); returns the masks."""
     config.validate()
-    layers = prunable_layers(model, config.include, config.exclude)
-    unknown = [n for n in config.per_layer if n not in layers]
-    if unknown:
-        raise NetshrinkError("per_layer names a layer that is not prunable", where=unknown[0])
+    layers = prunable_layers(model, config.include, config.exclude, where="Magnitude.exclude")
+    for name in config.per_layer:
+        if name not in layers:
+            raise no_match(name, list(layers), where=f"Magnitude.per_layer[{name!r}]", what="prunable layer",
+                           kind="name")
     scores = weight_scores(model, layers, config.importance, calibration, loss_fn)
     masks = compute_masks(scores, config)
     for name, mask in masks.items():

@@ -6,6 +6,7 @@ their 2-bit positions. On any other hardware an N:M model runs dense with zeros:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 def compress_nm(weight2d: torch.Tensor, n: int = 2, m: int = 4, mask: torch.Tensor | None = None) -> NMCompressed:
     """Compressed layout of the N:M-masked weight (the tail of a row not divisible by m counts as padding zeros)."""
     NM(n, m).validate()
+    if weight2d.dim() != 2:
+        raise NetshrinkError(f"weight has {weight2d.dim()} dimensions, expected 2 ([rows, K])", where="compress_nm",
+                             hint="pass reduction_view(weight) for a conv weight")
+    if mask is not None and tuple(mask.shape) != tuple(weight2d.shape):
+        raise NetshrinkError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight2d.shape)}",
+                             where="compress_nm", hint="pass the mask of this weight in the same [rows, K] view")
     mask = nm_mask(weight2d, n, m) if mask is None else mask.to(torch.bool)
     rows, k = weight2d.shape
     groups = math.ceil(k / m)
@@ -148,21 +155,25 @@ class NMResult:
     skipped: list[str] = field(default_factory=list)
     execution: str = ""
 
-    def lines(self) -> list[str]:
-        out = [f"{self.pattern} sparsity on {len(self.pruned)} layers"]
+    def fallbacks(self) -> list[str]:
+        """The layers not pruned as asked, one line per policy (also given as a UserWarning by `nm_prune`)."""
+        out = []
         if self.padded:
             out.append(f"padded (reduction dim not divisible by M): {', '.join(self.padded)}")
         if self.skipped:
             out.append(f"skipped, left dense (reduction dim not divisible by M): {', '.join(self.skipped)}")
-        out.append(self.execution)
         return out
+
+    def lines(self) -> list[str]:
+        return [f"{self.pattern} sparsity on {len(self.pruned)} layers"] + self.fallbacks() + [self.execution]
 
 
 def nm_prune(model: nn.Module, config: NM) -> NMResult:
     """Put N:M masks on the prunable layers of `model` in place; returns which layers were padded or skipped."""
     config.validate()
     result = NMResult(pattern=f"{config.n}:{config.m}")
-    for name, module in prunable_layers(model, config.include, config.exclude).items():
+    layers = prunable_layers(model, config.include, config.exclude, where="NM.exclude")
+    for name, module in layers.items():
         w = module.weight
         view = reduction_view(w)
         mask2d = nm_mask(view, config.n, config.m, config.indivisible)
@@ -177,6 +188,8 @@ def nm_prune(model: nn.Module, config: NM) -> NMResult:
         note(model, name, method="prune:nm", pattern=result.pattern, sparsity=round(1 - float(mask2d.float().mean()), 6),
              nm_padded=name in result.padded)
     result.execution = execution_statement(config)
+    for line in result.fallbacks():
+        warnings.warn(f"{result.pattern} sparsity: {line}", UserWarning, stacklevel=2)
     return result
 
 

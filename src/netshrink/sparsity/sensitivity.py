@@ -53,7 +53,7 @@ def sensitivity_scan(model: nn.Module, evaluate: Callable[[nn.Module], float],
     for s in grid:
         check_sparsity(s, "sensitivity_scan.sparsities")
     work = make_permanent(copy.deepcopy(model)).eval()
-    layers = prunable_layers(work, include, exclude)
+    layers = prunable_layers(work, include, exclude, where="sensitivity_scan.exclude")
     baseline = float(evaluate(work))
     quality: dict[str, list[float]] = {}
     for name, module in layers.items():
@@ -153,7 +153,7 @@ def lamp_allocation(model: nn.Module, target: float, include: Iterable[str] | No
                     exclude: Iterable[str] = ()) -> dict[str, float]:
     """Per-layer sparsities implied by pruning the globally lowest LAMP scores to `target`."""
     check_sparsity(target, "target sparsity")
-    layers = prunable_layers(model, include, exclude)
+    layers = prunable_layers(model, include, exclude, where="lamp_allocation.exclude")
     scores = {n: lamp_scores(m.weight).flatten() for n, m in layers.items()}
     flat = torch.cat(list(scores.values()))
     keep = lowest_k_mask(flat, int(round(target * flat.numel())))

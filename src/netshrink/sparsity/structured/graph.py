@@ -6,7 +6,10 @@ reaches the model output, a model input, or an op we do not understand is blocke
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from netshrink.errors import NetshrinkError
 from netshrink.sparsity.structured.groups import Group, Slice
 
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
@@ -37,6 +41,49 @@ class TraceFailure(Exception):
     def __init__(self, op: str, reason: str) -> None:
         self.op, self.reason = op, reason
         super().__init__(f"{op}: {reason}")
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running, so a shape error can name the layer."""
+
+    node: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.node = n
+        return super().run_node(n)
+
+
+def inputs_misfit(example_inputs: tuple, layer: str, exc: BaseException) -> NetshrinkError:
+    """The error for example inputs the model cannot run: their shapes, the layer that refused them, and why."""
+    shapes = ", ".join(f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+                       for x in example_inputs) or "no inputs"
+    lines = str(exc).strip().splitlines()
+    reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return NetshrinkError(f"{shapes} {'does' if len(example_inputs) == 1 else 'do'} not fit the model at {layer}: "
+                          f"{reason}", where="example_inputs",
+                          hint="pass example_inputs=(x,) with x a real batch of model inputs")
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Record every node's output shape by running `example_inputs` through `gm`; inputs that do not fit the model
+    raise NetshrinkError naming them and the layer where the shapes disagree (torch's traceback is not printed)."""
+    prop = _ShapeProp(gm)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):  # ShapeProp prints a traceback before raising
+            prop.propagate(*example_inputs)
+    except Exception as exc:
+        node = prop.node
+        if node is None:
+            layer = type(gm).__name__
+        elif node.op == "call_module":
+            layer = f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
+        elif node.op == "placeholder":
+            layer = f"model input '{node.target}'"
+        else:
+            layer = f"op {getattr(node.target, '__name__', node.target)} at {node.name}"
+        raise inputs_misfit(example_inputs, layer, exc.__cause__ or exc) from None
+    sys.stderr.write(printed.getvalue())
 
 
 @dataclass
@@ -326,7 +373,7 @@ class GraphAnalysis:
 def channel_groups(model: nn.Module, example_inputs: tuple) -> GraphAnalysis:
     """Trace `model` and return one Group per prunable channel space (raises TraceFailure when untraceable)."""
     gm = trace(model)
-    ShapeProp(gm).propagate(*example_inputs)
+    propagate_shapes(gm, example_inputs)
     analysis = _Analysis(gm)
     analysis.run()
     groups: list[Group] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -17,8 +18,9 @@ from torch import nn
 from netshrink.errors import NetshrinkError
 from netshrink.record import note
 from netshrink.sparsity.importance import LossFn
+from netshrink.sparsity.layers import no_match
 from netshrink.sparsity.masks import make_permanent, masked_modules
-from netshrink.sparsity.structured.graph import TraceFailure, channel_groups
+from netshrink.sparsity.structured.graph import TraceFailure, channel_groups, inputs_misfit
 from netshrink.sparsity.structured.groups import (Group, Slice, mask_positions, remove_physically,
                                                   removal_positions, tensor_of)
 from netshrink.sparsity.structured.hf_config import sync_module_attributes, update_hf_config
@@ -133,9 +135,34 @@ def _fallback_groups(model: nn.Module) -> list[Group]:
     return groups
 
 
+def _group_matches(name: str, pattern: str) -> bool:
+    """The rule by which `per_group` and `exclude` patterns select a group: fnmatch on the group's name."""
+    return fnmatch.fnmatchcase(name, pattern) or name == pattern
+
+
+def _check_patterns(groups: list[Group], config: Structured) -> None:
+    """Refuse a per_group or exclude pattern that selects no group (it would silently do nothing). An exclude
+    pattern naming only layers of groups that other exclude patterns select is accepted (recipes list every layer
+    under an excluded block, norms included)."""
+    names = [g.name for g in groups]
+    fields = [(p, f"Structured.per_group[{p!r}]", False) for p in config.per_group]
+    fields += [(p, f"Structured.exclude[{i}]", True) for i, p in enumerate(config.exclude)]
+    for pattern, where, is_exclude in fields:
+        if any(_group_matches(n, pattern) for n in names):
+            continue
+        holders = [g.name for g in groups if any(fnmatch.fnmatchcase(s.module, pattern) for s in g.slices)]
+        if holders and is_exclude and all(any(_group_matches(h, p) for p in config.exclude) for h in holders):
+            continue
+        if holders:
+            raise NetshrinkError(f"pattern '{pattern}' matches no group of this model", where=where,
+                                 hint=f"patterns select groups by name, and this layer is cut as part of group "
+                                      f"'{holders[0]}'")
+        raise no_match(pattern, names, where, what="group")
+
+
 def _ratio_for(group: Group, config: Structured) -> float:
     for pattern, r in config.per_group.items():
-        if fnmatch.fnmatchcase(group.name, pattern) or group.name == pattern:
+        if _group_matches(group.name, pattern):
             return float(r)
     if group.kind in ("heads", "kv_groups") and config.head_ratio is not None:
         return config.head_ratio
@@ -173,6 +200,9 @@ def plan_structured(model: nn.Module, config: Structured, example_inputs: tuple 
         if example_inputs is None:
             raise NetshrinkError("channel pruning traces the model and needs example inputs", where="example_inputs",
                                  hint="pass example_inputs=(x,) with a real batch")
+        if isinstance(example_inputs, torch.Tensor):
+            raise NetshrinkError("example_inputs is a tensor, not a tuple of model inputs", where="example_inputs",
+                                 hint="pass example_inputs=(x,)")
         try:
             analysis = channel_groups(model, tuple(example_inputs))
             groups += analysis.groups
@@ -181,8 +211,9 @@ def plan_structured(model: nn.Module, config: Structured, example_inputs: tuple 
             fallback = (f"graph not traceable at {failure.op} ({failure.reason}); fell back to masks on each "
                         "layer's output channels: same shapes, no speedup")
             groups += _fallback_groups(model)
+    _check_patterns(groups, config)
     if config.exclude:
-        groups = [g for g in groups if not any(fnmatch.fnmatchcase(g.name, p) or g.name == p for p in config.exclude)]
+        groups = [g for g in groups if not any(_group_matches(g.name, p) for p in config.exclude)]
     if not groups:
         raise NetshrinkError(f"nothing to prune for targets {targets}", where=type(model).__name__,
                              hint="; ".join(f"{k}: {v}" for k, v in blocked.items()) or None)
@@ -255,6 +286,8 @@ def prune_structured(model: nn.Module, config: Structured, example_inputs: tuple
     if config.reconstruct and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)
     plan = plan_structured(model, config, example_inputs, calibration, loss_fn)
+    if plan.fallback:
+        warnings.warn(plan.fallback, UserWarning, stacklevel=2)
     if not config.physical or plan.fallback:
         report = apply_plan(model, plan, physical=config.physical)
         if config.reconstruct:
@@ -267,14 +300,39 @@ def prune_structured(model: nn.Module, config: Structured, example_inputs: tuple
             with torch.no_grad():
                 model.eval()(*example_inputs)
         except Exception as exc:  # a forward with hard-coded sizes: say so and keep the masked twin
+            _restore(model, backup)
+            _check_inputs_run(model, example_inputs)
             plan.fallback = (f"the cut model failed to run ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                              "fell back to masks: same shapes, no speedup")
-            _restore(model, backup)
+            warnings.warn(plan.fallback, UserWarning, stacklevel=2)
             apply_plan(model, plan, physical=False)
             return model
     if config.reconstruct:
         report.refits = reconstruct_(model, backup, calibration)
     return model
+
+
+def _check_inputs_run(model: nn.Module, example_inputs: tuple) -> None:
+    """Run the uncut `model` (in eval mode) on `example_inputs`; if that fails too, the inputs are at fault, not the
+    cut: raise NetshrinkError naming the innermost layer that was running."""
+    running: list[str] = []
+    modes = {m: m.training for m in model.modules()}
+    def entered(name: str) -> Any:
+        return lambda module, args: running.append(f"{name} ({type(module).__name__})")
+
+    hooks = [m.register_forward_pre_hook(entered(name)) for name, m in model.named_modules()
+             if name and not any(True for _ in m.children())]
+    try:
+        with torch.no_grad():
+            model.eval()(*example_inputs)
+    except Exception as exc:
+        at = running[-1] if running else type(model).__name__
+        raise inputs_misfit(tuple(example_inputs), at, exc) from None
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes.items():
+            m.train(training)
 
 
 def _restore(model: nn.Module, backup: nn.Module) -> None:
