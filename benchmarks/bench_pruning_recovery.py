@@ -58,6 +58,14 @@ def passages(limit: int, seed: int = 0, min_words: int = 80, max_words: int = 18
     return found[:limit]
 
 
+class Reached(Exception):
+    """Raised from the step hook to end distillation once the fidelity criterion is met."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
@@ -72,7 +80,15 @@ def main() -> None:
     parser.add_argument("--pooled", type=float, default=0.0, help="weight of the pooled-embedding cosine term")
     parser.add_argument("--relation", type=float, default=0.0, help="weight of the pairwise-similarity term")
     parser.add_argument("--refit-batches", type=int, default=96, help="batches for the least-squares refit (0: none)")
+    parser.add_argument("--track-every", type=int, default=0,
+                        help="every N steps also print the held-out mean / min cosine (200 sentences) and the human "
+                             "Spearman: the whole trajectory, not just the end point")
+    parser.add_argument("--stop-at-cosine", type=float, default=None,
+                        help="with --track-every: stop at the first tracked step whose held-out mean cosine reaches "
+                             "this (a fidelity criterion, decided before training; the human ratings play no part)")
     args = parser.parse_args()
+    if args.stop_at_cosine is not None and not args.track_every:
+        parser.error("--stop-at-cosine needs --track-every")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     entry = zoo.load("minilm")
@@ -96,6 +112,10 @@ def main() -> None:
         cos = torch.cosine_similarity(embed(student, tok, held_out), embed(original, tok, held_out))
     print(f"before distillation: held-out mean / min cosine {cos.mean():.4f} / {cos.min():.4f}", flush=True)
     t0 = time.time()
+    if args.track_every:
+        with torch.no_grad():
+            reference_held_out = embed(original, tok, held_out)
+            base_rho = human_similarity(original, tok)["spearman"]
 
     def watch(step: int, loss: float) -> None:
         if (step + 1) % 150 == 0 or step + 1 == args.steps:
@@ -103,11 +123,23 @@ def main() -> None:
                 cos = torch.cosine_similarity(embed(student, tok, held_out[:100]), probe).mean().item()
             print(f"step {step + 1}: loss {loss:.4f}, mean cosine {cos:.4f} on 100 held-out, "
                   f"{time.time() - t0:.0f} s", flush=True)
+        if args.track_every and ((step + 1) % args.track_every == 0 or step + 1 == args.steps):
+            with torch.no_grad():
+                cos = torch.cosine_similarity(embed(student, tok, held_out), reference_held_out)
+                rho = human_similarity(student, tok)["spearman"]
+            print(f"  track {step + 1}: held-out mean / min cosine {cos.mean():.4f} / {cos.min():.4f}, human "
+                  f"Spearman {rho:.4f} ({rho - base_rho:+.4f})", flush=True)
+            if args.stop_at_cosine is not None and cos.mean().item() >= args.stop_at_cosine:
+                raise Reached(step + 1)
 
     config = Distill(steps=args.steps, lr=args.lr, warmup=args.warmup, cache_teacher=False,
                      frozen=("*word_embeddings*",), pooled_weight=args.pooled, relation_weight=args.relation)
     with torch.enable_grad():
-        distill(student, original, batches, config, on_step=watch)
+        try:
+            distill(student, original, batches, config, on_step=watch)
+        except Reached as reached:
+            print(f"stopped after step {reached.step} of {args.steps}: held-out mean cosine reached "
+                  f"{args.stop_at_cosine}", flush=True)
     with torch.no_grad():
         cos = torch.cosine_similarity(embed(student, tok, held_out), embed(original, tok, held_out))
         mine, base = human_similarity(student, tok), human_similarity(original, tok)
