@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
 import fnmatch
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from netshrink.errors import NetshrinkError
+from netshrink.patterns import has_own_params, layer_names, no_match
 from netshrink.quant.configs import BF16, CONFIGS, FP8, FP16, Int8Dynamic, Int8Static
 from netshrink.quant.fold import fold_batchnorms
 from netshrink.quant.modules import CastLayer, FP8Linear, Int8Conv2d, Int8Linear
@@ -82,16 +82,6 @@ def _layer_config(name: str, config: Config) -> tuple[Config | None, str | None]
     return config, None
 
 
-def _has_own_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
-
-
-def layer_names(model: nn.Module) -> list[str]:
-    """Names of the modules that hold their own parameters: the names `_plan` matches patterns against (the same
-    set as the recipe layer's `netshrink.recipes.bind.layer_names`)."""
-    return [name for name, module in model.named_modules() if name and _has_own_params(module)]
-
-
 def check_patterns(model: nn.Module, label: str, skip: Iterable[str], overrides: Iterable[str] = ()) -> None:
     """Every `skip` / `overrides` pattern of a config must select at least one layer of `model`, by the rule that
     applies them (fnmatch on `layer_names`); a typo would otherwise silently do nothing. `label` names the config
@@ -103,19 +93,8 @@ def check_patterns(model: nn.Module, label: str, skip: Iterable[str], overrides:
         if not isinstance(pattern, str):
             raise NetshrinkError(f"pattern {pattern!r} is not a string", where=where,
                                  hint="patterns are module-name globs such as '*.classifier'")
-        if _matches_any(pattern, names):
-            continue
-        inside = [n for n in names if n.startswith(pattern + ".") or fnmatch.fnmatchcase(n, pattern + ".*")]
-        close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.5)
-        if inside:
-            hint = f"did you mean '{pattern}.*'? a pattern selects layers by their own name, not a module holding them"
-        elif close:
-            hint = f"did you mean '{close[0]}'?"
-        elif names:
-            hint = f"layers look like: {', '.join(names[:4])}, ..."
-        else:
-            hint = "this model has no layers with parameters"
-        raise NetshrinkError(f"pattern '{pattern}' matches no layer of this model", where=where, hint=hint)
+        if not _matches_any(pattern, names):
+            raise no_match(pattern, names, where)
 
 
 def _matches_any(pattern: str, names: list[str]) -> bool:
@@ -150,7 +129,7 @@ def _plan(model: nn.Module, config: Config) -> tuple[dict[str, Config], dict[str
     skipped: dict[str, str] = {}
     whole_model_cast = isinstance(config, (BF16, FP16))
     for name, module in model.named_modules():
-        if not name or not _has_own_params(module):
+        if not name or not has_own_params(module):
             continue
         if any(name.startswith(done + ".") for done in todo):
             continue
@@ -381,7 +360,7 @@ def quantize_(model: nn.Module, config: Config, calibration: Any = None, inplace
         model.register_forward_hook(post)
         label = "bf16" if dtype == torch.bfloat16 else "fp16"
         for name, module in model.named_modules():
-            if name and name not in todo and name not in skipped and _has_own_params(module) \
+            if name and name not in todo and name not in skipped and has_own_params(module) \
                     and not isinstance(module, CastLayer):
                 note(model, name, method=label, bits=16)
                 report.quantized[name] = label

@@ -2,13 +2,13 @@
 override pattern matches at least one layer (a typo'd pattern would otherwise silently do nothing)."""
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from dataclasses import dataclass
 
 from torch import nn
 
 from netshrink.errors import NetshrinkError
+from netshrink.patterns import layer_names, no_match
 from netshrink.recipes.schema import Recipe, Stage
 
 
@@ -19,12 +19,6 @@ class BoundStage:
     stage: Stage
     exclude: list[str]
     per_layer: dict[str, dict]
-
-
-def layer_names(model: nn.Module) -> list[str]:
-    """Names of the modules that hold their own weight (what a pattern can usefully select)."""
-    return [name for name, module in model.named_modules()
-            if name and any(True for _ in module.parameters(recurse=False))]
 
 
 def match(pattern: str, names: list[str]) -> list[str]:
@@ -38,10 +32,7 @@ def _where(stage: Stage, line: int | None, what: str) -> str:
 
 
 def _no_match(stage: Stage, pattern: str, line: int | None, what: str, names: list[str]) -> NetshrinkError:
-    close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.5)
-    hint = f"did you mean '{close[0]}'?" if close else f"layers look like: {', '.join(names[:4])}, ..."
-    return NetshrinkError(f"pattern '{pattern}' matches no layer of this model", where=_where(stage, line, what),
-                          hint=hint)
+    return no_match(pattern, names, _where(stage, line, what))
 
 
 def bind(recipe: Recipe, model: nn.Module, kind: str) -> list[BoundStage]:

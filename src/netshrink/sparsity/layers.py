@@ -1,7 +1,6 @@
 """Which layers pruning touches: Linear and Conv weights by default, never a weight shared between modules (tied)."""
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from typing import Iterable
 
@@ -9,6 +8,7 @@ import torch
 from torch import nn
 
 from netshrink.errors import NetshrinkError
+from netshrink.patterns import has_own_params, no_match
 
 PRUNABLE_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -22,25 +22,14 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
-def no_match(pattern: str, names: list[str], where: str, what: str = "layer", kind: str = "pattern") -> NetshrinkError:
-    """The error for a pattern (or exact `kind='name'`) that selects nothing, with the closest name as a hint."""
-    close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.5)
-    if kind == "pattern" and any(fnmatch.fnmatchcase(n, pattern + ".*") for n in names):
-        hint = f"patterns match whole {what} names: did you mean '{pattern}.*'?"
-    elif close:
-        hint = f"did you mean '{close[0]}'?"
-    else:
-        hint = f"{what}s look like: {', '.join(names[:4])}" + (", ..." if len(names) > 4 else "")
-    return NetshrinkError(f"{kind} '{pattern}' matches no {what} of this model", where=where, hint=hint)
-
-
 def check_exclude(model: nn.Module, exclude: Iterable[str], where: str) -> None:
     """Every exclude pattern must select a Linear/Conv layer (by the rule `prunable_layers` applies), or name exactly
     a layer pruning never touches (a norm or an embedding; recipes pass such names when a pattern spans a block)."""
+    if not exclude:
+        return
     candidates = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
     untouched = {n for n, m in model.named_modules()
-                 if n and any(True for _ in m.parameters(recurse=False))
-                 and not any(isinstance(sub, PRUNABLE_TYPES) for sub in m.modules())}
+                 if n and has_own_params(m) and not any(isinstance(sub, PRUNABLE_TYPES) for sub in m.modules())}
     for i, pattern in enumerate(exclude):
         if pattern not in untouched and not any(_matches(n, [pattern]) for n in candidates):
             raise no_match(pattern, candidates, f"{where}[{i}]")

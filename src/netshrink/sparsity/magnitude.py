@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from netshrink.errors import NetshrinkError
+from netshrink.patterns import no_match
 from netshrink.record import note
 from netshrink.sparsity.importance import KINDS, LossFn, weight_scores
-from netshrink.sparsity.layers import no_match, prunable_layers
+from netshrink.sparsity.layers import prunable_layers
 from netshrink.sparsity.masks import set_mask
 
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from netshrink.errors import NetshrinkError
+from netshrink.patterns import no_match
 from netshrink.record import note
 from netshrink.sparsity.importance import LossFn
-from netshrink.sparsity.layers import no_match
 from netshrink.sparsity.masks import make_permanent, masked_modules
 from netshrink.sparsity.structured.graph import TraceFailure, channel_groups, inputs_misfit
 from netshrink.sparsity.structured.groups import (Group, Slice, mask_positions, remove_physically,
