@@ -30,6 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from netshrink.llm import RTN, PackedLinear, compress_llm, fuse_projections, pack_lm_head, quantize_weight
 from netshrink.llm.bandwidth import floor_tokens_per_s, measure_bandwidth, weight_bytes_per_token
 from netshrink.llm.decode import LeanDecoder
+from netshrink.llm.native import NativeDecoder, native_available
 
 
 def variants(model, quick: bool) -> dict[str, torch.nn.Module]:
@@ -49,7 +50,28 @@ def variants(model, quick: bool) -> dict[str, torch.nn.Module]:
     fuse_projections(out["INT4 g128 + INT8 head, q/k/v and gate/up fused"])
     for name in ("FP32", "BF16", "INT8 per-channel", "INT4 g128 + INT8 head"):
         out[f"{name}, netshrink LeanDecoder"] = Lean(out[name])
+    if native_available():
+        for name in ("INT8 per-channel", "INT4 g128 + INT8 head", "INT4 g128 + INT4 g128 head"):
+            if name in out:
+                out[f"{name}, netshrink NativeDecoder"] = Native(out[name])
     return out
+
+
+class Native:
+    """netshrink's NativeDecoder over one of the packed variants: the same grid, in its own layout (its bytes)."""
+
+    def __init__(self, model):
+        self.model, self.decoder = model, NativeDecoder(model, max_len=256)
+        self.weight_bytes = self.decoder.weight_bytes
+
+    def step_time(self, steps: int, prompt: int = 16) -> float:
+        """Seconds per decoded token (greedy), after a prefill of `prompt` tokens: as `step_time`."""
+        self.decoder.reset()
+        token = int(self.decoder.forward(torch.randint(0, 1000, (prompt,))).argmax())
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            token = self.decoder.step(token)
+        return (time.perf_counter() - t0) / steps
 
 
 class Lean:
@@ -137,7 +159,7 @@ def gguf_variants(entry, folder: Path, tokenizer=None, package: bool = True) -> 
 
 
 def bench_models(name: str, model, bandwidths: list[float], rounds: int, steps: int, quick: bool,
-                 extra: dict | None = None) -> None:
+                 extra: dict | None = None, text_ids: torch.Tensor | None = None) -> None:
     vs = variants(model, quick)
     vs.update(extra or {})
     for m in vs.values():
@@ -156,13 +178,23 @@ def bench_models(name: str, model, bandwidths: list[float], rounds: int, steps: 
     print("|---|---|---|---|---|---|")
     for k, m in vs.items():
         t = statistics.median(times[k])
-        wb = m.weight_bytes if isinstance(m, (LlamaCpp, Lean)) else weight_bytes_per_token(m)
+        wb = m.weight_bytes if isinstance(m, (LlamaCpp, Lean, Native)) else weight_bytes_per_token(m)
         floor = floor_tokens_per_s(wb, bandwidth)
         print(f"| {k} | {wb / 1e6:.1f} | {1 / t:.1f} | {floor:.1f} | {100 / t / floor:.0f}% | {base / t:.2f}x |")
+    natives = {k: m for k, m in vs.items() if isinstance(m, Native)}
+    if natives and text_ids is not None:
+        # NativeDecoder rounds activations to int8 per block of 128: its perplexity next to the model's forward
+        print("\n| variant | perplexity, model's forward | perplexity, NativeDecoder |\n|---|---|---|")
+        for k, m in natives.items():
+            with torch.inference_mode():
+                logits = m.model(text_ids[None]).logits[0, :-1]
+            forward = float(torch.exp(torch.nn.functional.cross_entropy(logits, text_ids[1:])))
+            print(f"| {k.removesuffix(', netshrink NativeDecoder')} | {forward:.3f} | "
+                  f"{m.decoder.perplexity(text_ids):.3f} |")
 
 
 def timed(model, steps: int) -> float:
-    return model.step_time(steps) if isinstance(model, (LlamaCpp, Lean)) else step_time(model, steps)
+    return model.step_time(steps) if isinstance(model, (LlamaCpp, Lean, Native)) else step_time(model, steps)
 
 
 @torch.inference_mode()
@@ -230,8 +262,11 @@ def main() -> None:
     smol = load("smollm2")
     with tempfile.TemporaryDirectory() as folder:
         if args.only in (None, "smollm2"):
+            from netshrink.data.text import prose
+
+            text_ids = smol.tokenizer(prose("lee"), return_tensors="pt").input_ids[0][:255]
             bench_models("SmolLM2-135M", smol.model, bandwidths, rounds, steps, args.quick,
-                         gguf_variants(smol, Path(folder)))
+                         gguf_variants(smol, Path(folder)), text_ids=text_ids)
         if not args.quick and args.only in (None, "synthetic"):
             # SmolLM2's vocabulary size, so that its tokenizer goes into the GGUF exports llama.cpp decodes
             torch.manual_seed(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -93,23 +94,35 @@ def decode_tokens_per_second(model: torch.nn.Module, input_ids: torch.Tensor, ne
                              num_threads: int | None = None, runtime: str = "auto") -> dict[str, float]:
     """Greedy decoding speed at batch 1 with a KV cache: tokens generated per second after the prompt.
 
-    `runtime`: "lean" decodes with netshrink's `LeanDecoder` (Llama-family models), "transformers" with the model's
-    own `generate`, "auto" with the lean loop where the architecture is supported. The result's "lean" is 1.0 when
-    the lean loop ran."""
-    if runtime not in ("auto", "lean", "transformers"):
+    `runtime`: "native" decodes with netshrink's `NativeDecoder` (packed models, AVX-512 VNNI CPUs), "lean" with
+    its `LeanDecoder` (Llama-family models), "transformers" with the model's own `generate`; "auto" takes the
+    first of those that applies to the model and this machine. The result's "native" and "lean" say which ran."""
+    if runtime not in ("auto", "native", "lean", "transformers"):
         raise NetshrinkError(f"unknown decode runtime {runtime!r}", where="decode_tokens_per_second",
-                             hint="choose auto, lean or transformers")
-    lean = None
-    if runtime != "transformers":
-        from netshrink.llm.arch import SUPPORTED
-        from netshrink.llm.decode import LeanDecoder
+                             hint="choose auto, native, lean or transformers")
+    decoder, native = None, False
+    max_len = input_ids.shape[-1] + new_tokens + 1
+    with threads(num_threads):
+        if runtime in ("auto", "native"):
+            from netshrink.llm.native import NativeDecoder, native_available
 
-        if runtime == "lean" or getattr(getattr(model, "config", None), "model_type", None) in SUPPORTED:
-            lean = LeanDecoder(model, max_len=input_ids.shape[-1] + new_tokens + 1)
+            supported = getattr(getattr(model, "config", None), "model_type", None) in _llm_supported()
+            if runtime == "native":
+                decoder, native = NativeDecoder(model, max_len=max_len), True
+            elif supported and native_available() and _all_packed(model):
+                try:
+                    decoder, native = NativeDecoder(model, max_len=max_len), True
+                except NetshrinkError as error:   # e.g. no C++ compiler: torch's kernels still work
+                    warnings.warn(f"native decoding unavailable ({error}); decoding with LeanDecoder")
+        if decoder is None and runtime in ("auto", "lean"):
+            from netshrink.llm.decode import LeanDecoder
+
+            if runtime == "lean" or getattr(getattr(model, "config", None), "model_type", None) in _llm_supported():
+                decoder = LeanDecoder(model, max_len=max_len)
 
     def run(n: int) -> object:
-        if lean is not None:
-            return lean.generate(input_ids, n)
+        if decoder is not None:
+            return decoder.generate(input_ids, n)
         return model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     with threads(num_threads) as used:
@@ -118,4 +131,31 @@ def decode_tokens_per_second(model: torch.nn.Module, input_ids: torch.Tensor, ne
         total = time_call(lambda: run(new_tokens))
     decode_ms = max(total - prefill, 1e-6)
     return {"tokens_per_s": (new_tokens - 1) * 1000.0 / decode_ms, "prefill_ms": prefill, "threads": float(used),
-            "lean": float(lean is not None)}
+            "native": float(native), "lean": float(decoder is not None and not native)}
+
+
+def _llm_supported() -> tuple[str, ...]:
+    from netshrink.llm.arch import SUPPORTED
+
+    return tuple(SUPPORTED)
+
+
+def _all_packed(model: torch.nn.Module) -> bool:
+    """Whether every decoder-block projection and the LM head are packed in a layout the native kernel reads."""
+    from netshrink.llm.arch import arch_of
+    from netshrink.llm.fuse import FusedSlice
+    from netshrink.llm.native.layout import check_native
+    from netshrink.llm.packed_linear import PackedLinear
+
+    try:
+        arch = arch_of(model)
+        head = model.get_submodule(arch.lm_head)
+        layers = [m for m in model.get_submodule(arch.layers).modules()
+                  if isinstance(m, (torch.nn.Linear, PackedLinear)) and not isinstance(m, FusedSlice)]
+        for layer in layers + [head]:
+            if not isinstance(layer, PackedLinear):
+                return False
+            check_native(layer.quantized_weight(), "layer")
+    except NetshrinkError:
+        return False
+    return True

@@ -15,6 +15,7 @@ _EXPORTS = {
     "calibration_ids": "calibration", "write_synthetic_checkpoint": "synthetic",
     "measure_bandwidth": "bandwidth", "weight_bytes_per_token": "bandwidth",
     "greedy_agreement": "evaluate", "llm_quality": "evaluate", "SUPPORTED": "arch",
+    "LeanDecoder": "decode", "NativeDecoder": "native", "native_available": "native",
 }
 __all__ = sorted(_EXPORTS)
 

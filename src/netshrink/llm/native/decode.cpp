@@ -1,0 +1,578 @@
+// netshrink's native batch-1 decode step for Llama-style decoders with packed INT4/INT3/INT8 weights.
+//
+// Decoding one token reads every weight once, so it is bound by memory bandwidth, and at SmolLM2's sizes by the
+// per-call cost of a framework too. This file runs a whole token (embedding row, every block, the head) in one
+// call, on a pool of threads that meet at spin barriers between phases:
+//   - activations are quantized to int8 per block of 64 columns (absmax / 127), as llama.cpp's Q8 does per 32;
+//   - weights stay on their own grid w = (code - zero) * scale, codes unsigned, so one AVX-512 VNNI instruction
+//     (vpdpbusd: u8 codes x s8 activations) does 64 multiply-adds, and the zero point is applied once per group:
+//       y_r = sum_b a_b s_{r,g(b)} sum_{k in b} code_k q_k  +  sum_g m_{r,g} sum_{b in g} a_b sum_{k in b} q_k
+//     with m = -scale * zero;
+//   - weights are stored by tiles of 16 rows so that each VNNI lane is one row (see gemv_tiles);
+//   - attention, RoPE, RMSNorm and SiLU run in float32 next to a float32 KV cache.
+// The Python side (native_decode.py) builds the layouts, compiles this file and checks it against the model.
+#include <immintrin.h>
+
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int kBlock = 64;  // activation block: one int8 scale per 64 columns (weight groups are whole blocks)
+
+struct Matrix {
+  const uint8_t* codes = nullptr;  // int4: rows x cols/2 bytes; int8: rows x cols bytes
+  const float* scales = nullptr;   // rows x groups
+  const uint8_t* zeros = nullptr;  // [tile][group][16] integer zero points
+  const float* bias = nullptr;     // rows, or null
+  int rows = 0, cols = 0, bits = 0, groups = 0, blocks_per_group = 1;
+};
+
+// An activation vector quantized per block: q (int8), a_b (scale), ax_b = a_b * sum(q in block).
+struct QAct {
+  std::vector<int8_t> q;
+  std::vector<float> a, ax;
+  void resize(int cols) {
+    q.assign(cols + 64, 0);
+    int nb = (cols + kBlock - 1) / kBlock;
+    a.assign(nb, 0.f);
+    ax.assign(nb, 0.f);
+  }
+};
+
+inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// Quantize blocks [b0, b1) of x (cols values) into qa: q = clamp(round_half_even(x * 127 / absmax), +-127).
+void quantize_blocks(const float* x, int cols, int b0, int b1, QAct& qa) {
+  for (int b = b0; b < b1; ++b) {
+    const int start = b * kBlock, n = std::min(kBlock, cols - start);
+    __m512 mx = _mm512_setzero_ps();
+    for (int k = 0; k < n; k += 16)
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(n - k), x + start + k)));
+    const float amax = _mm512_reduce_max_ps(mx);
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512 vinv = _mm512_set1_ps(inv);
+    __m512i sum = _mm512_setzero_si512();
+    for (int k = 0; k < n; k += 16) {
+      const __mmask16 mask = tail_mask(n - k);
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + start + k), vinv));
+      v = _mm512_max_epi32(_mm512_min_epi32(v, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+      _mm512_mask_cvtepi32_storeu_epi8(qa.q.data() + start + k, mask, v);
+      sum = _mm512_add_epi32(sum, v);
+    }
+    qa.a[b] = amax / 127.f;
+    qa.ax[b] = qa.a[b] * (float)_mm512_reduce_add_epi32(sum);
+  }
+}
+
+// float32 <-> float16 for the KV cache; values are clamped to float16's range first (no infinities).
+inline __m256i to_half(__m512 v) {
+  v = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(65504.f)), _mm512_set1_ps(-65504.f));
+  return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline __m512 from_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+
+// e^x for float32 lanes: 2^n * p(r), r = x - n ln2, p a degree-6 Taylor polynomial (relative error ~2e-7).
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Weights are stored by tiles of 16 rows. Within a tile, each 64-byte chunk holds, for every row i, four bytes
+// at 4i..4i+3: INT8 codes of 4 consecutive columns, or INT4 codes of 8 columns (k..k+3 in the low nibbles,
+// k+4..k+7 in the high ones). One vpdpbusd then multiplies 16 rows by 4 broadcast activations, lanes = rows, so
+// no horizontal sums are needed. Scales (float32) and zero points (uint8) are stored [tile][group][16].
+template <int NT, int BITS>
+inline void gemv_tiles(const Matrix& m, const QAct& x, const float* xg, int tile0, int r_end, float* y) {
+  const int K = m.cols, cols_per_chunk = BITS == 4 ? 8 : 4;
+  const size_t tile_bytes = (size_t)16 * K * BITS / 8;
+  const uint8_t* w[NT];
+  __m512 f[NT];
+  for (int t = 0; t < NT; ++t) w[t] = m.codes + (tile0 + t) * tile_bytes, f[t] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int8_t* q = x.q.data();
+  const int nblocks = (K + kBlock - 1) / kBlock;
+  for (int b = 0; b < nblocks; ++b) {
+    const int k0 = b * kBlock, k1 = std::min(K, k0 + kBlock);
+    __m512i acc0[NT], acc1[NT];
+    for (int t = 0; t < NT; ++t) acc0[t] = _mm512_setzero_si512(), acc1[t] = _mm512_setzero_si512();
+    for (int k = k0; k < k1; k += 8) {
+      int32_t lo_bytes, hi_bytes;
+      std::memcpy(&lo_bytes, q + k, 4);
+      std::memcpy(&hi_bytes, q + k + 4, 4);
+      const __m512i xl = _mm512_set1_epi32(lo_bytes), xh = _mm512_set1_epi32(hi_bytes);
+      for (int t = 0; t < NT; ++t) {
+        if (BITS == 4) {
+          const __m512i v = _mm512_loadu_si512(w[t] + (size_t)(k / 8) * 64);
+          acc0[t] = _mm512_dpbusd_epi32(acc0[t], _mm512_and_si512(v, low4), xl);
+          acc1[t] = _mm512_dpbusd_epi32(acc1[t], _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xh);
+        } else {
+          acc0[t] = _mm512_dpbusd_epi32(acc0[t], _mm512_loadu_si512(w[t] + (size_t)(k / 4) * 64), xl);
+          acc1[t] = _mm512_dpbusd_epi32(acc1[t], _mm512_loadu_si512(w[t] + (size_t)(k / 4 + 1) * 64), xh);
+        }
+      }
+    }
+    const int g = b / m.blocks_per_group;
+    const __m512 a = _mm512_set1_ps(x.a[b]);
+    for (int t = 0; t < NT; ++t) {
+      const __m512 s = _mm512_loadu_ps(m.scales + ((size_t)(tile0 + t) * m.groups + g) * 16);
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc0[t], acc1[t])), _mm512_mul_ps(s, a), f[t]);
+    }
+  }
+  (void)cols_per_chunk;
+  for (int t = 0; t < NT; ++t) {
+    const size_t base = (size_t)(tile0 + t) * m.groups * 16;
+    for (int g = 0; g < m.groups; ++g) {  // the zero points: - scale * zero * sum_b a_b sum(q)
+      const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(m.zeros + base + g * 16))));
+      f[t] = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(m.scales + base + g * 16), zero), _mm512_set1_ps(xg[g]), f[t]);
+    }
+    const int r = (tile0 + t) * 16;
+    const __mmask16 mask = tail_mask(r_end - r);
+    if (m.bias) f[t] = _mm512_add_ps(f[t], _mm512_maskz_loadu_ps(mask, m.bias + r));
+    _mm512_mask_storeu_ps(y + r, mask, f[t]);
+  }
+}
+
+// y[r] = (W x)[r] (+ bias) for rows [r0, r1); r0 is a multiple of 16.
+template <int BITS>
+void gemv_bits(const Matrix& m, const QAct& x, int r0, int r1, float* y) {
+  float xg[1024];  // per group: sum over its blocks of a_b * sum(q)
+  for (int g = 0; g < m.groups; ++g) xg[g] = 0.f;
+  const int nblocks = (m.cols + kBlock - 1) / kBlock;
+  for (int b = 0; b < nblocks; ++b) xg[b / m.blocks_per_group] += x.ax[b];
+  int tile = r0 / 16;
+  const int tiles_end = (r1 + 15) / 16;
+  for (; tile + 4 <= tiles_end; tile += 4) gemv_tiles<4, BITS>(m, x, xg, tile, r1, y);
+  for (; tile < tiles_end; ++tile) gemv_tiles<1, BITS>(m, x, xg, tile, r1, y);
+}
+
+void gemv(const Matrix& m, const QAct& x, int r0, int r1, float* y) {
+  if (r0 >= r1) return;
+  if (m.bits == 8)
+    gemv_bits<8>(m, x, r0, r1, y);
+  else
+    gemv_bits<4>(m, x, r0, r1, y);
+}
+
+void rms_norm(const float* x, const float* w, int n, float eps, float* out) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(tail_mask(n - i), x + i);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / n + eps));
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 mask = tail_mask(n - i);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + i), inv);
+    _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w + i)));
+  }
+}
+
+// x * cos + rotate_half(x) * sin, rotate_half(x) = [-x[D/2:], x[:D/2]].
+void rope(float* x, const float* cos, const float* sin, int d) {
+  int h = d / 2;
+  float tmp[1024];
+  for (int i = 0; i < h; ++i) tmp[i] = -x[i + h];
+  for (int i = h; i < d; ++i) tmp[i] = x[i - h];
+  for (int i = 0; i < d; ++i) x[i] = x[i] * cos[i] + tmp[i] * sin[i];
+}
+
+float dot(const float* a, const float* b, int n) {  // n % 16 == 0
+  __m512 acc = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+struct Layer {
+  Matrix qkv, o, gate_up, down;
+  const float *norm1 = nullptr, *norm2 = nullptr, *q_norm = nullptr, *k_norm = nullptr;
+};
+
+// Threads that run one job each generation and meet at a sense-reversing spin barrier.
+class Pool {
+ public:
+  explicit Pool(int n) : n_(n) {
+    for (int t = 1; t < n; ++t) workers_.emplace_back([this, t] { loop(t); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      gen_.fetch_add(1);
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+  int size() const { return n_; }
+  template <class F>
+  void run(F&& job) {  // job(tid) on every thread; returns when all have finished
+    job_ = [&job](int t) { job(t); };
+    gen_.fetch_add(1);
+    if (sleepers_.load() > 0) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      cv_.notify_all();
+    }
+    job_(0);
+    barrier();
+  }
+  void barrier() {
+    if (n_ == 1) return;
+    int phase = phase_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      count_.store(0, std::memory_order_relaxed);
+      phase_.store(phase + 1, std::memory_order_release);
+    } else {
+      while (phase_.load(std::memory_order_acquire) == phase) _mm_pause();
+    }
+  }
+
+ private:
+  void loop(int t) {
+    int seen = 0;  // the generation at construction: a job posted before this thread starts still runs
+    for (;;) {
+      int spins = 0;
+      while (gen_.load() == seen && spins < 200000) {
+        _mm_pause();
+        ++spins;
+      }
+      if (gen_.load() == seen) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        sleepers_.fetch_add(1);
+        cv_.wait(lock, [&] { return gen_.load() != seen; });
+        sleepers_.fetch_sub(1);
+      }
+      seen = gen_.load();
+      if (stop_) return;
+      job_(t);
+      barrier();
+    }
+  }
+  int n_;
+  std::vector<std::thread> workers_;
+  std::function<void(int)> job_;
+  std::atomic<int> gen_{0}, sleepers_{0}, count_{0}, phase_{0};
+  bool stop_ = false;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+};
+
+struct Decoder {
+  int layers, hidden, heads, kv_heads, head_dim, inter, vocab, max_len;
+  float eps, scaling;
+  const float *embed, *cos, *sin, *final_norm;
+  std::vector<Layer> blocks;
+  Matrix head;
+  std::vector<float> x, qkv, attn, gu, hbuf, logits;
+  std::vector<uint16_t> k_cache, v_cache;   // float16, as llama.cpp's default cache
+  QAct act_h, act_ffn;              // shared between threads (written block-split, read after a barrier)
+  std::vector<QAct> act_local;      // per thread: the normed residual or attention output
+  std::vector<std::vector<float>> normed, scores;
+  std::vector<float> best_value;
+  std::vector<int> best_index;
+  static constexpr int kPhases = 14;
+  std::vector<uint64_t> cycles;     // per thread and phase: time stamp counter ticks (see nsd_profile)
+  Pool pool;
+
+  void mark(int t, int phase, uint64_t& clock) {
+    const uint64_t now = __rdtsc();
+    cycles[t * kPhases + phase] += now - clock;
+    clock = now;
+  }
+
+  Decoder(int L, int hid, int H, int KV, int D, int I, int V, int T, int threads, float e, float sc)
+      : layers(L), hidden(hid), heads(H), kv_heads(KV), head_dim(D), inter(I), vocab(V), max_len(T), eps(e),
+        scaling(sc), blocks(L), pool(threads) {
+    x.assign(hid, 0.f);
+    qkv.assign((H + 2 * KV) * D, 0.f);
+    attn.assign(H * D, 0.f);
+    gu.assign(2 * I, 0.f);
+    hbuf.assign(I, 0.f);
+    logits.assign(V, 0.f);
+    k_cache.assign((size_t)L * KV * D * key_stride(), 0);
+    v_cache.assign((size_t)L * KV * T * D, 0);
+    act_ffn.resize(I);
+    act_local.resize(threads);
+    normed.resize(threads);
+    scores.resize(threads);
+    for (int t = 0; t < threads; ++t) {
+      act_local[t].resize(std::max(hid, H * D));
+      normed[t].assign(std::max(hid, H * D), 0.f);
+      scores[t].assign(T, 0.f);
+    }
+    best_value.assign(threads, 0.f);
+    best_index.assign(threads, 0);
+    cycles.assign(threads * kPhases, 0);
+  }
+
+  // Keys are stored [layer][kv head][D][key_stride]: padded past max_len so that reading 16 positions at a time
+  // stays inside, and so that the D rows do not all fall into the same few L1 cache sets.
+  size_t key_stride() const { return (size_t)max_len + 16; }
+
+  std::pair<int, int> rows(int n, int t) const {  // rows of an n-row matrix for thread t, in multiples of 16
+    int per = ((n + pool.size() - 1) / pool.size() + 15) / 16 * 16;
+    int a = std::min(n, t * per), b = std::min(n, a + per);
+    return {a, b};
+  }
+
+  void normed_act(const float* w, int t) {  // every thread: rms_norm(x) * w, quantized into act_local[t]
+    rms_norm(x.data(), w, hidden, eps, normed[t].data());
+    quantize_blocks(normed[t].data(), hidden, 0, (hidden + kBlock - 1) / kBlock, act_local[t]);
+  }
+
+  // Phase 1 (before a barrier): normalize and rotate this thread's k heads into the cache, and its q heads.
+  void rotate(int l, int pos, int t) {
+    const int D = head_dim;
+    const float* c = cos + (size_t)pos * D;
+    const float* s = sin + (size_t)pos * D;
+    const Layer& b = blocks[l];
+    for (int j = t; j < kv_heads; j += pool.size()) {
+      float* k = qkv.data() + (heads + j) * D;
+      if (b.k_norm) rms_norm(k, b.k_norm, D, eps, k);
+      rope(k, c, s, D);
+      const size_t head = (size_t)l * kv_heads + j;
+      uint16_t* kc = k_cache.data() + head * D * key_stride();
+      uint16_t* vc = v_cache.data() + (head * max_len + pos) * D;
+      const float* v = qkv.data() + (heads + kv_heads + j) * D;
+      for (int i = 0; i < D; i += 16) {
+        alignas(64) uint16_t kh[16];
+        _mm256_store_si256((__m256i*)kh, to_half(_mm512_loadu_ps(k + i)));
+        for (int e = 0; e < 16; ++e) kc[(i + e) * key_stride() + pos] = kh[e];
+        _mm256_storeu_si256((__m256i*)(vc + i), to_half(_mm512_loadu_ps(v + i)));
+      }
+    }
+    for (int h = t; h < heads; h += pool.size()) {
+      float* q = qkv.data() + h * D;
+      if (b.q_norm) rms_norm(q, b.q_norm, D, eps, q);
+      rope(q, c, s, D);
+    }
+  }
+
+  // Phase 2: softmax(q k^T * scaling) v for this thread's q heads, over positions 0..pos.
+  void attention(int l, int pos, int t) {
+    const int D = head_dim, group = heads / kv_heads;
+    for (int h = t; h < heads; h += pool.size()) {
+      const int j = h / group;
+      const uint16_t* kc = k_cache.data() + ((size_t)l * kv_heads + j) * D * key_stride();
+      const uint16_t* vc = v_cache.data() + (((size_t)l * kv_heads + j) * max_len) * D;
+      const float* q = qkv.data() + h * D;
+      float* sc = scores[t].data();
+      __m512 vmax = _mm512_set1_ps(-INFINITY);
+      for (int p = 0; p <= pos; p += 16) {       // 16 positions at once: keys are stored transposed
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int i = 0; i < D; i += 2) {
+          acc0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), from_half(kc + i * key_stride() + p), acc0);
+          acc1 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 1]), from_half(kc + (i + 1) * key_stride() + p), acc1);
+        }
+        const __mmask16 mask = tail_mask(pos + 1 - p);
+        const __m512 v = _mm512_mul_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(scaling));
+        _mm512_mask_storeu_ps(sc + p, mask, v);
+        vmax = _mm512_mask_max_ps(vmax, mask, vmax, v);
+      }
+      const float mx = _mm512_reduce_max_ps(vmax);
+      __m512 vsum = _mm512_setzero_ps();
+      const __m512 vmx = _mm512_set1_ps(mx);
+      for (int p = 0; p <= pos; p += 16) {
+        const __mmask16 mask = tail_mask(pos + 1 - p);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sc + p), vmx));
+        _mm512_mask_storeu_ps(sc + p, mask, e);
+        vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(mask, e));
+      }
+      const float inv_sum = 1.f / _mm512_reduce_add_ps(vsum);
+      float* out = attn.data() + h * D;
+      if (D == 64)
+        weighted_sum<4>(sc, vc, pos + 1, D, inv_sum, out);
+      else if (D == 128)
+        weighted_sum<8>(sc, vc, pos + 1, D, inv_sum, out);
+      else
+        for (int i = 0; i < D; i += 16) weighted_sum<1>(sc, vc + i, pos + 1, D, inv_sum, out + i);
+    }
+  }
+
+  // out[0..16C) = scale * sum_p w[p] v[p * stride + 0..16C): C independent accumulators.
+  template <int C>
+  static void weighted_sum(const float* w, const uint16_t* v, int n, int stride, float scale, float* out) {
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int p = 0; p < n; ++p) {
+      const __m512 wp = _mm512_set1_ps(w[p]);
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(wp, from_half(v + (size_t)p * stride + 16 * c), acc[c]);
+    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(scale)));
+  }
+
+  // One token at position pos; with want_logits the head runs and best_* hold each thread's argmax.
+  void step(int token, int pos, bool want_logits, int t) {
+    if (t == 0) std::memcpy(x.data(), embed + (size_t)token * hidden, hidden * sizeof(float));
+    pool.barrier();
+    uint64_t clock = __rdtsc();
+    for (int l = 0; l < layers; ++l) {
+      Layer& b = blocks[l];
+      normed_act(b.norm1, t);
+      mark(t, 0, clock);
+      auto [r0, r1] = rows(b.qkv.rows, t);
+      gemv(b.qkv, act_local[t], r0, r1, qkv.data());
+      mark(t, 1, clock);
+      pool.barrier();
+      mark(t, 2, clock);
+      rotate(l, pos, t);
+      pool.barrier();
+      attention(l, pos, t);
+      mark(t, 3, clock);
+      pool.barrier();
+      mark(t, 4, clock);
+      quantize_blocks(attn.data(), heads * head_dim, 0, (heads * head_dim + kBlock - 1) / kBlock, act_local[t]);
+      std::tie(r0, r1) = rows(b.o.rows, t);
+      gemv(b.o, act_local[t], r0, r1, normed[t].data());
+      for (int r = r0; r < r1; ++r) x[r] += normed[t][r];
+      mark(t, 5, clock);
+      pool.barrier();
+      mark(t, 6, clock);
+      normed_act(b.norm2, t);
+      std::tie(r0, r1) = rows(b.gate_up.rows, t);
+      gemv(b.gate_up, act_local[t], r0, r1, gu.data());
+      mark(t, 7, clock);
+      pool.barrier();
+      mark(t, 8, clock);
+      const int nb = (inter + kBlock - 1) / kBlock, per = (nb + pool.size() - 1) / pool.size();
+      const int b0 = std::min(nb, t * per), b1 = std::min(nb, b0 + per);
+      for (int i = b0 * kBlock; i < std::min(inter, b1 * kBlock); i += 16) {   // silu(gate) * up
+        const __mmask16 mask = tail_mask(std::min(inter, b1 * kBlock) - i);
+        const __m512 g = _mm512_maskz_loadu_ps(mask, gu.data() + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+        _mm512_mask_storeu_ps(hbuf.data() + i, mask, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(mask, gu.data() + inter + i)));
+      }
+      quantize_blocks(hbuf.data(), inter, b0, b1, act_ffn);
+      mark(t, 9, clock);
+      pool.barrier();
+      mark(t, 10, clock);
+      std::tie(r0, r1) = rows(b.down.rows, t);
+      gemv(b.down, act_ffn, r0, r1, normed[t].data());
+      for (int r = r0; r < r1; ++r) x[r] += normed[t][r];
+      mark(t, 11, clock);
+      pool.barrier();
+      mark(t, 12, clock);
+    }
+    if (!want_logits) return;
+    clock = __rdtsc();
+    normed_act(final_norm, t);
+    auto [r0, r1] = rows(head.rows, t);
+    gemv(head, act_local[t], r0, r1, logits.data());
+    int best = r0;
+    for (int r = r0; r < r1; ++r)
+      if (logits[r] > logits[best]) best = r;
+    best_index[t] = best;
+    best_value[t] = r1 > r0 ? logits[best] : -INFINITY;
+    mark(t, 13, clock);
+  }
+};
+
+Matrix make_matrix(const uint8_t* codes, const float* scales, const uint8_t* zeros, const float* bias, int rows,
+                   int cols, int bits, int groups, int blocks_per_group) {
+  Matrix m;
+  m.codes = codes, m.scales = scales, m.zeros = zeros, m.bias = bias;
+  m.rows = rows, m.cols = cols, m.bits = bits, m.groups = groups, m.blocks_per_group = blocks_per_group;
+  return m;
+}
+
+}  // namespace
+
+extern "C" {
+
+void* nsd_create(int layers, int hidden, int heads, int kv_heads, int head_dim, int inter, int vocab, int max_len,
+                 int threads, float eps, float scaling, const float* embed, const float* cos, const float* sin,
+                 const float* final_norm) {
+  auto* d = new Decoder(layers, hidden, heads, kv_heads, head_dim, inter, vocab, max_len, threads, eps, scaling);
+  d->embed = embed, d->cos = cos, d->sin = sin, d->final_norm = final_norm;
+  return d;
+}
+
+// which: 0 qkv, 1 o, 2 gate_up, 3 down, 4 head (layer ignored)
+void nsd_set_matrix(void* handle, int layer, int which, const uint8_t* codes, const float* scales, const uint8_t* zeros,
+                    const float* bias, int rows, int cols, int bits, int groups, int blocks_per_group) {
+  auto* d = static_cast<Decoder*>(handle);
+  Matrix m = make_matrix(codes, scales, zeros, bias, rows, cols, bits, groups, blocks_per_group);
+  if (which == 4) {
+    d->head = m;
+    return;
+  }
+  Layer& b = d->blocks[layer];
+  (which == 0 ? b.qkv : which == 1 ? b.o : which == 2 ? b.gate_up : b.down) = m;
+}
+
+void nsd_set_norms(void* handle, int layer, const float* norm1, const float* norm2, const float* q_norm,
+                   const float* k_norm) {
+  Layer& b = static_cast<Decoder*>(handle)->blocks[layer];
+  b.norm1 = norm1, b.norm2 = norm2, b.q_norm = q_norm, b.k_norm = k_norm;
+}
+
+// Feed tokens ids[0..n) at positions start.. ; the last one's logits go to `logits` (if not null).
+// Returns the argmax of the last token's logits.
+int nsd_forward(void* handle, const int64_t* ids, int n, int start, float* logits) {
+  auto* d = static_cast<Decoder*>(handle);
+  for (int i = 0; i < n; ++i) {
+    const bool last = i == n - 1;
+    d->pool.run([&](int t) { d->step((int)ids[i], start + i, last, t); });
+  }
+  if (logits) std::memcpy(logits, d->logits.data(), d->vocab * sizeof(float));
+  int best = d->best_index[0];
+  float value = d->best_value[0];
+  for (int t = 1; t < d->pool.size(); ++t)
+    if (d->best_value[t] > value) value = d->best_value[t], best = d->best_index[t];
+  return best;
+}
+
+// Greedy continuation: prompt ids[0..n) from position 0, then new_tokens ids into out.
+void nsd_generate(void* handle, const int64_t* ids, int n, int new_tokens, int64_t* out) {
+  int next = nsd_forward(handle, ids, n, 0, nullptr);
+  for (int i = 0; i < new_tokens; ++i) {
+    out[i] = next;
+    if (i + 1 < new_tokens) {
+      int64_t token = next;
+      next = nsd_forward(handle, &token, 1, n + i, nullptr);
+    }
+  }
+}
+
+void nsd_destroy(void* handle) { delete static_cast<Decoder*>(handle); }
+
+// Time stamp counter ticks per thread and phase since the last call (threads x 14, then reset): 0 norm and
+// quantize, 1 q/k/v, 2 wait, 3 attention, 4 wait, 5 o_proj, 6 wait, 7 norm + gate/up, 8 wait, 9 SiLU, 10 wait,
+// 11 down, 12 wait, 13 head.
+void nsd_profile(void* handle, uint64_t* out) {
+  auto* d = static_cast<Decoder*>(handle);
+  std::memcpy(out, d->cycles.data(), d->cycles.size() * sizeof(uint64_t));
+  std::fill(d->cycles.begin(), d->cycles.end(), 0);
+}
+
+// One matrix times one vector on the calling thread: for tests and single-layer timings.
+void nsd_matvec(const uint8_t* codes, const float* scales, const uint8_t* zeros, const float* bias, int rows, int cols,
+                int bits, int groups, int blocks_per_group, const float* x, float* y) {
+  Matrix m = make_matrix(codes, scales, zeros, bias, rows, cols, bits, groups, blocks_per_group);
+  QAct qa;
+  qa.resize(cols);
+  quantize_blocks(x, cols, 0, (cols + kBlock - 1) / kBlock, qa);
+  gemv(m, qa, 0, rows, y);
+}
+
+}  // extern "C"

@@ -1,0 +1,222 @@
+"""`NativeDecoder`: greedy batch-1 decoding with each token one C++ call (decode.cpp) over packed weights.
+
+`LeanDecoder` removed transformers' per-layer machinery, yet still pays about 10 us of dispatch per kernel call
+and per small op: some 400 calls a token on SmolLM2, several times the time its weights take to stream. Here
+the whole token runs natively, on this machine's threads, with activations quantized to int8 per block of 64
+so the VNNI dot products read the packed codes directly. Logits differ from the model's forward by that
+activation rounding (tests bound it); the weights are the model's own grid, untouched.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from netshrink.errors import NetshrinkError
+from netshrink.llm.arch import arch_of
+from netshrink.llm.fuse import FusedSlice
+from netshrink.llm.native.build import load_library, missing_cpu_flags
+from netshrink.llm.native.layout import NativeMatrix, native_matrix
+from netshrink.llm.packed_linear import PackedLinear
+from netshrink.llm.packing import QuantizedWeight
+
+QKV, O, GATE_UP, DOWN, HEAD = range(5)
+
+
+def native_available() -> bool:
+    """Whether this CPU has the instructions the native kernel uses (the compiler is checked when it builds)."""
+    return not missing_cpu_flags()
+
+
+def _grid(module: nn.Module, name: str) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    if not isinstance(module, PackedLinear):
+        raise NetshrinkError(f"{name} is a {type(module).__name__}, not a packed layer", where=name,
+                             hint="pack the model (netshrink.llm methods with pack=True, pack_lm_head) first, "
+                                  "or decode it with netshrink.llm.decode.LeanDecoder")
+    return module.quantized_weight(), module.bias
+
+
+def _stacked(modules: list[nn.Module], names: list[str]) -> NativeMatrix:
+    """Sibling projections (q/k/v or gate/up) as one matrix whose rows are theirs in order."""
+    if all(isinstance(m, FusedSlice) for m in modules) and len({id(m._shared[0]) for m in modules}) == 1:
+        modules, names = [modules[0]._shared[0].fused], [names[0] + " (fused)"]
+    grids = [_grid(m, n) for m, n in zip(modules, names)]
+    first = grids[0][0]
+    for (qw, _), name in zip(grids, names):
+        if (qw.shape[1], qw.bits, qw.group_size) != (first.shape[1], first.bits, first.group_size):
+            raise NetshrinkError(f"{name} is packed as {qw.bits}-bit g{qw.group_size}, unlike {names[0]} "
+                                 f"({first.bits}-bit g{first.group_size})", where=name,
+                                 hint="the native decoder stacks q/k/v and gate/up: pack them alike")
+    qw = QuantizedWeight(torch.cat([g.codes for g, _ in grids]), torch.cat([g.scales for g, _ in grids]),
+                         torch.cat([g.zeros for g, _ in grids]), first.bits, first.group_size)
+    biases = [b for _, b in grids]
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat([b.float() if b is not None else torch.zeros(g.shape[0]) for (g, _), b in zip(grids, biases)])
+    return native_matrix(qw, bias, where=names[0])
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class NativeDecoder:
+    """Greedy batch-1 decoding of a packed Llama/Mistral/Qwen2/Qwen3 model, one native call per token."""
+
+    def __init__(self, model: nn.Module, max_len: int = 1024, threads: int | None = None):
+        arch = arch_of(model)
+        config = model.config
+        act = getattr(config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise NetshrinkError(f"activation {act!r} is not SiLU", where="config.hidden_act",
+                                 hint="decode it with netshrink.llm.decode.LeanDecoder")
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        self.window = window
+        self.lib = load_library()
+        self.max_len, self.threads = max_len, threads or torch.get_num_threads()
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if self.head_dim > 1024 or self.head_dim % 16:
+            raise NetshrinkError(f"head_dim={self.head_dim} is not supported", where="config.head_dim")
+        blocks = model.get_submodule(arch.layers)
+        embed = model.get_submodule(arch.embed).weight
+        self.embed = embed.detach().float().contiguous()
+        self.vocab, self.hidden = self.embed.shape
+        with torch.inference_mode():
+            cos, sin = model.get_submodule("model.rotary_emb")(torch.zeros(1), torch.arange(max_len)[None])
+        self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()   # [max_len, head_dim]
+        final_norm = model.get_submodule(arch.norm)
+        self.eps = float(final_norm.variance_epsilon)
+        self.keep: list[torch.Tensor] = [self.embed, self.cos, self.sin]
+        self.final_norm = self._vector(final_norm.weight)
+        self.matrices: list[NativeMatrix] = []
+        inter = None
+        first = blocks[0].self_attn
+        scaling = float(first.scaling)
+        handle = self.lib.nsd_create(len(blocks), self.hidden, self.heads, self.kv_heads, self.head_dim,
+                                     blocks[0].mlp.down_proj.in_features, self.vocab, max_len, self.threads,
+                                     self.eps, scaling, _ptr(self.embed), _ptr(self.cos), _ptr(self.sin),
+                                     _ptr(self.final_norm))
+        self._handle = handle
+        for i, block in enumerate(blocks):
+            p = f"{arch.layers}.{i}"
+            attn, mlp = block.self_attn, block.mlp
+            if float(attn.scaling) != scaling:
+                raise NetshrinkError("blocks differ in attention scaling", where=f"{p}.self_attn")
+            parts = {
+                QKV: _stacked([attn.q_proj, attn.k_proj, attn.v_proj], [f"{p}.self_attn.{n}_proj" for n in "qkv"]),
+                O: native_matrix(*_grid(attn.o_proj, f"{p}.self_attn.o_proj"), where=f"{p}.self_attn.o_proj"),
+                GATE_UP: _stacked([mlp.gate_proj, mlp.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]),
+                DOWN: native_matrix(*_grid(mlp.down_proj, f"{p}.mlp.down_proj"), where=f"{p}.mlp.down_proj"),
+            }
+            inter = inter or parts[DOWN].cols
+            expected = {QKV: ((self.heads + 2 * self.kv_heads) * self.head_dim, self.hidden),
+                        O: (self.hidden, self.heads * self.head_dim), GATE_UP: (2 * inter, self.hidden),
+                        DOWN: (self.hidden, inter)}
+            for which, m in parts.items():
+                if (m.rows, m.cols) != expected[which]:
+                    raise NetshrinkError(f"a {m.rows}x{m.cols} projection where the config implies "
+                                         f"{expected[which][0]}x{expected[which][1]}", where=p)
+                self._set(i, which, m)
+            norms = [block.input_layernorm, block.post_attention_layernorm,
+                     getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+            for norm in filter(None, norms):
+                if abs(float(norm.variance_epsilon) - self.eps) > 0:
+                    raise NetshrinkError("RMSNorm epsilons differ between norms", where=p)
+            self.lib.nsd_set_norms(handle, i, *[_ptr(self._vector(n.weight)) if n is not None else None
+                                                for n in norms])
+        head = model.get_submodule(arch.lm_head)
+        self._set(0, HEAD, native_matrix(*_grid(head, arch.lm_head), where=arch.lm_head))
+        self.pos = 0
+
+    def _vector(self, t: torch.Tensor) -> torch.Tensor:
+        v = t.detach().float().contiguous()
+        self.keep.append(v)
+        return v
+
+    def _set(self, layer: int, which: int, m: NativeMatrix) -> None:
+        self.matrices.append(m)
+        self.lib.nsd_set_matrix(self._handle, layer, which, _ptr(m.codes), _ptr(m.scales), _ptr(m.zeros),
+                                _ptr(m.bias), m.rows, m.cols, m.bits, m.groups, m.blocks_per_group)
+
+    def __del__(self):
+        handle = getattr(self, "_handle", None)
+        if handle:
+            self.lib.nsd_destroy(handle)
+            self._handle = None
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes read per token: every packed matrix with its scales, plus one embedding row."""
+        return sum(m.nbytes for m in self.matrices) + self.hidden * 4
+
+    PHASES = ("norm + quantize", "q/k/v", "wait", "attention", "wait", "o_proj", "wait", "norm + gate/up", "wait",
+              "SiLU", "wait", "down", "wait", "head")
+
+    def profile(self) -> torch.Tensor:
+        """Time-stamp-counter ticks per thread and phase (`PHASES`) since the last call: where a token's time goes."""
+        out = torch.zeros(self.threads, len(self.PHASES), dtype=torch.int64)
+        self.lib.nsd_profile(self._handle, out.data_ptr())
+        return out
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the cache memory is kept)."""
+        self.pos = 0
+
+    def _check(self, ids: torch.Tensor, end: int) -> torch.Tensor:
+        ids = ids.reshape(-1).to(torch.int64).contiguous()
+        if end > self.max_len:
+            raise NetshrinkError(f"sequence of {end} tokens exceeds the decoder's cache of {self.max_len}",
+                                 where="NativeDecoder", hint="create it with a larger max_len")
+        if self.window is not None and end > self.window:
+            raise NetshrinkError(f"sequence of {end} tokens exceeds the model's sliding window of {self.window}",
+                                 where="NativeDecoder", hint="decode it with the model's own forward")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
+            raise NetshrinkError(f"token id outside the vocabulary of {self.vocab}", where="NativeDecoder")
+        return ids
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Append the tokens `ids` ([T] or [1, T]) to the sequence; the logits [vocab] of the last of them."""
+        n = ids.numel()
+        if n == 0:
+            raise NetshrinkError("no tokens to decode", where="NativeDecoder.forward")
+        ids = self._check(ids, self.pos + n)
+        logits = torch.empty(self.vocab)
+        self.lib.nsd_forward(self._handle, _ptr(ids), n, self.pos, _ptr(logits))
+        self.pos += n
+        return logits
+
+    def step(self, token: int) -> int:
+        """Append one token; the greedy next token (argmax taken natively: no logits tensor, no torch op)."""
+        ids = self._check(torch.tensor([token]), self.pos + 1)
+        best = self.lib.nsd_forward(self._handle, _ptr(ids), 1, self.pos, None)
+        self.pos += 1
+        return best
+
+    @torch.inference_mode()
+    def perplexity(self, ids: torch.Tensor) -> float:
+        """exp(mean negative log-likelihood) of ids[1:] given the tokens before each, decoded from an empty cache."""
+        ids = ids.reshape(-1)
+        if ids.numel() < 2:
+            raise NetshrinkError("need at least 2 tokens to score", where="NativeDecoder.perplexity")
+        self._check(ids, ids.numel() - 1)
+        self.reset()
+        nll = 0.0
+        for i in range(ids.numel() - 1):
+            logits = self.forward(ids[i: i + 1])
+            nll -= float(torch.log_softmax(logits, 0)[ids[i + 1]])
+        return float(torch.exp(torch.tensor(nll / (ids.numel() - 1))))
+
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> list[int]:
+        """Greedy continuation of the prompt `ids`: the `new_tokens` token ids after it (the cache starts empty)."""
+        n = ids.numel()
+        if n == 0:
+            raise NetshrinkError("empty prompt", where="NativeDecoder.generate")
+        if new_tokens <= 0:
+            return []
+        ids = self._check(ids, n + new_tokens - 1)
+        out = torch.empty(new_tokens, dtype=torch.int64)
+        self.lib.nsd_generate(self._handle, _ptr(ids), n, new_tokens, _ptr(out))
+        self.pos = n + new_tokens - 1
+        return out.tolist()
