@@ -188,6 +188,12 @@ def test_thread_count_does_not_change_the_result_and_the_model_is_untouched(tiny
     one, two = NativeDecoder(model, max_len=32, threads=1), NativeDecoder(model, max_len=32, threads=2)
     assert torch.equal(one.forward(prompt), two.forward(prompt))   # rows and heads split, never a sum
     assert one.generate(prompt, 6) == two.generate(prompt, 6)
+    plain = NativeDecoder(model, max_len=32, threads=2, huge_pages=False)     # weights in ordinary pages
+    two.reset()
+    assert torch.equal(plain.forward(prompt), two.forward(prompt))
+    if two._arena is not None:                                  # every matrix now lives in the 2 MiB-page buffer
+        lo, hi = two._arena.data_ptr(), two._arena.data_ptr() + two._arena.numel()
+        assert all(lo <= m.codes.data_ptr() < hi and lo <= m.scales.data_ptr() < hi for m in two.matrices)
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)
 

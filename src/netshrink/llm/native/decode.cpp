@@ -122,10 +122,10 @@ inline void gemv_tiles(const Matrix& m, const QAct& x, const float* xg, int tile
       std::memcpy(&hi_bytes, q + k + 4, 4);
       const __m512i xl = _mm512_set1_epi32(lo_bytes), xh = _mm512_set1_epi32(hi_bytes);
       for (int t = 0; t < NT; ++t) {
-        if (BITS == 4) {
+        if (BITS == 4) {  // high nibbles stay in place: acc1 sums 16 x code x q, divided out once per block
           const __m512i v = _mm512_loadu_si512(w[t] + (size_t)(k / 8) * 64);
           acc0[t] = _mm512_dpbusd_epi32(acc0[t], _mm512_and_si512(v, low4), xl);
-          acc1[t] = _mm512_dpbusd_epi32(acc1[t], _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xh);
+          acc1[t] = _mm512_dpbusd_epi32(acc1[t], _mm512_andnot_si512(low4, v), xh);
         } else {
           acc0[t] = _mm512_dpbusd_epi32(acc0[t], _mm512_loadu_si512(w[t] + (size_t)(k / 4) * 64), xl);
           acc1[t] = _mm512_dpbusd_epi32(acc1[t], _mm512_loadu_si512(w[t] + (size_t)(k / 4 + 1) * 64), xh);
@@ -136,7 +136,8 @@ inline void gemv_tiles(const Matrix& m, const QAct& x, const float* xg, int tile
     const __m512 a = _mm512_set1_ps(x.a[b]);
     for (int t = 0; t < NT; ++t) {
       const __m512 s = _mm512_loadu_ps(m.scales + ((size_t)(tile0 + t) * m.groups + g) * 16);
-      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc0[t], acc1[t])), _mm512_mul_ps(s, a), f[t]);
+      const __m512i hi = BITS == 4 ? _mm512_srai_epi32(acc1[t], 4) : acc1[t];   // exact: acc1 = 16 x sum
+      f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc0[t], hi)), _mm512_mul_ps(s, a), f[t]);
     }
   }
   (void)cols_per_chunk;

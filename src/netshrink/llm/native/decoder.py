@@ -57,6 +57,39 @@ def _stacked(modules: list[nn.Module], names: list[str]) -> NativeMatrix:
     return native_matrix(qw, bias, where=names[0])
 
 
+HUGE_PAGE = 2 << 20
+
+
+def _huge_page_arena(entries: list[tuple[int, int, NativeMatrix]]) -> torch.Tensor | None:
+    """Move every matrix's tensors into one buffer backed by 2 MiB pages where the kernel allows (Linux, THP in
+    "madvise" or "always" mode): a token streams all the weights, and with 4 KiB pages it would cross one TLB
+    entry per 4 KiB. Returns the buffer (kept alive by the decoder), or None where madvise is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    tensors = [t for _, _, m in entries for t in (m.codes, m.scales, m.zeros)]
+    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors]
+    total = sum(sizes)
+    arena = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)     # large: mmap'd, pages not touched yet
+    start = (-arena.data_ptr()) % HUGE_PAGE
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    length = (total + HUGE_PAGE - start) // HUGE_PAGE * HUGE_PAGE              # whole pages inside the buffer
+    if madvise(arena.data_ptr() + start, length, 14) != 0:                      # MADV_HUGEPAGE
+        return None
+    offset = start
+    for _, _, m in entries:
+        for name in ("codes", "scales", "zeros"):
+            t = getattr(m, name)
+            n = t.numel() * t.element_size()
+            view = arena[offset: offset + n].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            setattr(m, name, view)
+            offset += -(-n // 64) * 64
+    return arena
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -64,7 +97,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class NativeDecoder:
     """Greedy batch-1 decoding of a packed Llama/Mistral/Qwen2/Qwen3 model, one native call per token."""
 
-    def __init__(self, model: nn.Module, max_len: int = 1024, threads: int | None = None):
+    def __init__(self, model: nn.Module, max_len: int = 1024, threads: int | None = None, huge_pages: bool = True):
         arch = arch_of(model)
         config = model.config
         act = getattr(config, "hidden_act", "silu")
@@ -91,6 +124,7 @@ class NativeDecoder:
         self.keep: list[torch.Tensor] = [self.embed, self.cos, self.sin]
         self.final_norm = self._vector(final_norm.weight)
         self.matrices: list[NativeMatrix] = []
+        self._pending: list[tuple[int, int, NativeMatrix]] = []
         inter = None
         first = blocks[0].self_attn
         scaling = float(first.scaling)
@@ -128,6 +162,11 @@ class NativeDecoder:
                                                 for n in norms])
         head = model.get_submodule(arch.lm_head)
         self._set(0, HEAD, native_matrix(*_grid(head, arch.lm_head), where=arch.lm_head))
+        self._arena = _huge_page_arena(self._pending) if huge_pages else None
+        for layer, which, m in self._pending:
+            self.lib.nsd_set_matrix(self._handle, layer, which, _ptr(m.codes), _ptr(m.scales), _ptr(m.zeros),
+                                    _ptr(m.bias), m.rows, m.cols, m.bits, m.groups, m.blocks_per_group)
+        del self._pending
         self.pos = 0
 
     def _vector(self, t: torch.Tensor) -> torch.Tensor:
@@ -137,8 +176,7 @@ class NativeDecoder:
 
     def _set(self, layer: int, which: int, m: NativeMatrix) -> None:
         self.matrices.append(m)
-        self.lib.nsd_set_matrix(self._handle, layer, which, _ptr(m.codes), _ptr(m.scales), _ptr(m.zeros),
-                                _ptr(m.bias), m.rows, m.cols, m.bits, m.groups, m.blocks_per_group)
+        self._pending.append((layer, which, m))
 
     def __del__(self):
         handle = getattr(self, "_handle", None)
