@@ -15,7 +15,7 @@ from netshrink.llm import RTN, compress_llm, fuse_projections, pack_lm_head
 from netshrink.llm.decode import LeanDecoder
 from netshrink.llm.native import NativeDecoder, native_available
 from netshrink.llm.native.layout import (BLOCK, native_matrix, native_matvec, quantize_activation, reference_matvec,
-                                         tile_codes, tile_groups, untile_codes, untile_groups)
+                                         thread_tile_groups, tile_codes, tile_groups, untile_codes, untile_groups)
 from netshrink.llm.packing import QuantizedWeight
 
 from test_decode import FAMILIES, family_model, lean_decode
@@ -32,16 +32,29 @@ def random_grid(rows: int, cols: int, bits: int, group: int, seed: int = 0) -> Q
                            torch.randint(0, levels, (rows, groups), dtype=torch.uint8, generator=g), bits, group)
 
 
-@settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 40), chunks=st.integers(1, 12), bits=st.sampled_from([4, 8]), seed=st.integers(0, 99))
-def test_tiled_codes_and_groups_round_trip(rows, chunks, bits, seed):
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 200), chunks=st.integers(1, 12), bits=st.sampled_from([4, 8]), threads=st.integers(1, 3),
+       seed=st.integers(0, 99))
+def test_tiled_codes_and_groups_round_trip(rows, chunks, bits, threads, seed):
     cols = 8 * chunks
     codes = torch.randint(0, 1 << bits, (rows, cols), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    tiled = tile_codes(codes, bits)
+    tiled = tile_codes(codes, bits, threads)
     assert tiled.shape == (-(-rows // 16), 16 * cols * bits // 8)
-    assert torch.equal(untile_codes(tiled, bits, rows, cols), codes)
+    assert torch.equal(untile_codes(tiled, bits, rows, cols, threads), codes)
+    groups = thread_tile_groups(rows, threads)                 # every tile in exactly one group of 1-4
+    assert sorted(t for first, n in groups for t in range(first, first + n)) == list(range(-(-rows // 16)))
+    assert all(1 <= n <= 4 for _, n in groups)
     groups = torch.rand(rows, 3)
     assert torch.equal(untile_groups(tile_groups(groups), rows), groups)
+
+
+def test_a_group_of_tiles_is_interleaved_chunk_by_chunk():
+    codes = torch.zeros(64, 8, dtype=torch.uint8)
+    codes[16:32] = 1                                             # tile 1 of the group of 4
+    tiled = tile_codes(codes, 8).reshape(-1)                    # 4 tiles x 2 chunks of 64 bytes
+    assert thread_tile_groups(64, 1) == [(0, 4)]
+    assert [int(tiled[64 * i: 64 * (i + 1)].max()) for i in range(8)] == [0, 1, 0, 0, 0, 1, 0, 0]
+    assert thread_tile_groups(96, 2) == [(0, 3), (3, 3)]         # 48 rows a thread: one group of 3 each
 
 
 def test_tiled_layout_puts_four_columns_of_a_row_in_each_lane():
@@ -69,10 +82,11 @@ def test_activation_quantization_matches_hand_computed_values():
 @pytest.mark.parametrize("rows,cols,bits,group", [(48, 576, 4, 128), (40, 576, 4, 576), (33, 1536, 4, 256),
                                                   (64, 640, 8, 640), (17, 192, 3, 128), (16, 64, 4, 64),
                                                   (50, 384, 8, 128), (1, 128, 4, 128)])
-def test_kernel_matches_a_float64_reference_of_the_same_arithmetic(rows, cols, bits, group):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_matches_a_float64_reference_of_the_same_arithmetic(rows, cols, bits, group, threads):
     qw = random_grid(rows, cols, bits, group)
     bias = torch.randn(rows, generator=torch.Generator().manual_seed(1))
-    m = native_matrix(qw, bias)
+    m = native_matrix(qw, bias, threads=threads)
     x = torch.randn(cols, generator=torch.Generator().manual_seed(2))
     x[5] = 20.0                                          # an outlier: its block gets a coarse scale
     want = reference_matvec(m, x)
@@ -87,12 +101,12 @@ def test_kernel_matches_a_float64_reference_of_the_same_arithmetic(rows, cols, b
 
 @needs_native
 @settings(max_examples=25, deadline=None)
-@given(tiles=st.integers(1, 6), extra_rows=st.integers(0, 15), blocks=st.integers(1, 5), tail=st.booleans(),
-       bits=st.sampled_from([3, 4, 8]), per_channel=st.booleans(), seed=st.integers(0, 999))
-def test_kernel_property(tiles, extra_rows, blocks, tail, bits, per_channel, seed):
+@given(tiles=st.integers(1, 12), extra_rows=st.integers(0, 15), blocks=st.integers(1, 5), tail=st.booleans(),
+       bits=st.sampled_from([3, 4, 8]), per_channel=st.booleans(), threads=st.integers(1, 3), seed=st.integers(0, 999))
+def test_kernel_property(tiles, extra_rows, blocks, tail, bits, per_channel, threads, seed):
     rows, cols = 16 * tiles - (16 - extra_rows) % 16, 128 * blocks + (64 if tail else 0)
     qw = random_grid(rows, cols, bits, cols if per_channel else (64 if tail else 128), seed)
-    m = native_matrix(qw)
+    m = native_matrix(qw, threads=threads)
     x = torch.randn(cols, generator=torch.Generator().manual_seed(seed)) * 3
     want = reference_matvec(m, x)
     assert torch.allclose(native_matvec(m, x).double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()) + 1e-7)

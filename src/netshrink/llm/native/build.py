@@ -84,5 +84,5 @@ def load_library() -> ctypes.CDLL:
     lib.nsd_profile.restype = None
     lib.nsd_profile.argtypes = [p, p]
     lib.nsd_matvec.restype = None
-    lib.nsd_matvec.argtypes = [p, p, p, p, i, i, i, i, i, p, p]
+    lib.nsd_matvec.argtypes = [p, p, p, p, i, i, i, i, i, i, p, p]
     return lib

@@ -37,7 +37,7 @@ def _grid(module: nn.Module, name: str) -> tuple[QuantizedWeight, torch.Tensor |
     return module.quantized_weight(), module.bias
 
 
-def _stacked(modules: list[nn.Module], names: list[str]) -> NativeMatrix:
+def _stacked(modules: list[nn.Module], names: list[str], threads: int) -> NativeMatrix:
     """Sibling projections (q/k/v or gate/up) as one matrix whose rows are theirs in order."""
     if all(isinstance(m, FusedSlice) for m in modules) and len({id(m._shared[0]) for m in modules}) == 1:
         modules, names = [modules[0]._shared[0].fused], [names[0] + " (fused)"]
@@ -54,7 +54,7 @@ def _stacked(modules: list[nn.Module], names: list[str]) -> NativeMatrix:
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([b.float() if b is not None else torch.zeros(g.shape[0]) for (g, _), b in zip(grids, biases)])
-    return native_matrix(qw, bias, where=names[0])
+    return native_matrix(qw, bias, where=names[0], threads=threads)
 
 
 HUGE_PAGE = 2 << 20
@@ -133,16 +133,17 @@ class NativeDecoder:
                                      self.eps, scaling, _ptr(self.embed), _ptr(self.cos), _ptr(self.sin),
                                      _ptr(self.final_norm))
         self._handle = handle
+        t = self.threads
         for i, block in enumerate(blocks):
             p = f"{arch.layers}.{i}"
             attn, mlp = block.self_attn, block.mlp
             if float(attn.scaling) != scaling:
                 raise NetshrinkError("blocks differ in attention scaling", where=f"{p}.self_attn")
             parts = {
-                QKV: _stacked([attn.q_proj, attn.k_proj, attn.v_proj], [f"{p}.self_attn.{n}_proj" for n in "qkv"]),
-                O: native_matrix(*_grid(attn.o_proj, f"{p}.self_attn.o_proj"), where=f"{p}.self_attn.o_proj"),
-                GATE_UP: _stacked([mlp.gate_proj, mlp.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]),
-                DOWN: native_matrix(*_grid(mlp.down_proj, f"{p}.mlp.down_proj"), where=f"{p}.mlp.down_proj"),
+                QKV: _stacked([attn.q_proj, attn.k_proj, attn.v_proj], [f"{p}.self_attn.{n}_proj" for n in "qkv"], t),
+                O: native_matrix(*_grid(attn.o_proj, f"{p}.self_attn.o_proj"), f"{p}.self_attn.o_proj", t),
+                GATE_UP: _stacked([mlp.gate_proj, mlp.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], t),
+                DOWN: native_matrix(*_grid(mlp.down_proj, f"{p}.mlp.down_proj"), f"{p}.mlp.down_proj", t),
             }
             inter = inter or parts[DOWN].cols
             expected = {QKV: ((self.heads + 2 * self.kv_heads) * self.head_dim, self.hidden),
@@ -161,7 +162,7 @@ class NativeDecoder:
             self.lib.nsd_set_norms(handle, i, *[_ptr(self._vector(n.weight)) if n is not None else None
                                                 for n in norms])
         head = model.get_submodule(arch.lm_head)
-        self._set(0, HEAD, native_matrix(*_grid(head, arch.lm_head), where=arch.lm_head))
+        self._set(0, HEAD, native_matrix(*_grid(head, arch.lm_head), arch.lm_head, t))
         self._arena = _huge_page_arena(self._pending) if huge_pages else None
         for layer, which, m in self._pending:
             self.lib.nsd_set_matrix(self._handle, layer, which, _ptr(m.codes), _ptr(m.scales), _ptr(m.zeros),

@@ -3,7 +3,8 @@
 A weight on a group-wise grid w = (code - zero) * scale becomes, per tile of 16 rows (rows padded with zeros),
   codes   a run of 64-byte chunks; in each, row i owns bytes 4i..4i+3:
           INT8: the codes of 4 consecutive columns; INT4/INT3: 8 columns, k..k+3 in the low nibbles and k+4..k+7
-          in the high ones;
+          in the high ones; the tiles a thread computes together (4, or its last 1-3) are interleaved chunk by
+          chunk, so that each thread streams its rows from one sequential run of memory;
   scales  float32 [tile, group, 16], and the integer zero points, uint8 in the same shape,
 so one AVX-512 VNNI instruction multiplies 16 rows by 4 broadcast int8 activations with each output lane a row
 (no horizontal sums), and the zero points cost one multiply-add per group. The grid is the model's, exactly.
@@ -19,6 +20,7 @@ from netshrink.llm.packing import QuantizedWeight
 
 BLOCK = 64    # activation block: one int8 scale per 64 columns; weight groups are whole blocks
 TILE = 16     # rows per tile: one output lane each
+GROUP = 4     # tiles computed (and stored interleaved) together
 
 
 @dataclass
@@ -32,6 +34,7 @@ class NativeMatrix:
     bits: int                    # 8, or 4 for INT4 and INT3 codes
     groups: int
     blocks_per_group: int
+    threads: int                 # the thread count the tile groups were laid out for
 
     @property
     def nbytes(self) -> int:
@@ -60,24 +63,49 @@ def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, (-t.shape[0]) % TILE))
 
 
-def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [out, in] -> the kernel's tiled bytes [tiles, 16 * in * bits / 8] (bits 8, or 4 for codes < 16)."""
+def thread_tile_groups(rows: int, threads: int) -> list[tuple[int, int]]:
+    """(first tile, tiles) of each group the kernel computes together: every thread's rows (equal shares in
+    multiples of 16, as decode.cpp's thread_rows) in groups of 4 tiles, the last 1-3 together."""
+    per = (-(-rows // threads) + 15) // 16 * 16
+    groups = []
+    for t in range(threads):
+        r0 = min(rows, t * per)
+        r1 = min(rows, r0 + per)
+        if r0 >= r1:
+            continue
+        first, end = r0 // TILE, -(-r1 // TILE)
+        groups += [(a, min(GROUP, end - a)) for a in range(first, end, GROUP)]
+    return groups
+
+
+def tile_codes(codes: torch.Tensor, bits: int, threads: int = 1) -> torch.Tensor:
+    """uint8 codes [out, in] -> the kernel's bytes [tiles, 16 * in * bits / 8] (bits 8, or 4 for codes < 16):
+    tiles of 16 rows in 64-byte chunks, each group of tiles (see `thread_tile_groups`) interleaved chunk by chunk."""
     c = _pad_rows(codes)
     tiles, in_f = c.shape[0] // TILE, c.shape[1]
     if bits == 8:
-        return c.reshape(tiles, TILE, in_f // 4, 4).permute(0, 2, 1, 3).reshape(tiles, -1).contiguous()
-    halves = c.reshape(tiles, TILE, in_f // 8, 2, 4)
-    packed = halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)             # [tiles, 16, in / 8, 4]
-    return packed.permute(0, 2, 1, 3).reshape(tiles, -1).contiguous()
+        chunks = c.reshape(tiles, TILE, in_f // 4, 4).permute(0, 2, 1, 3)       # [tiles, in / 4, 16, 4]
+    else:
+        halves = c.reshape(tiles, TILE, in_f // 8, 2, 4)
+        packed = halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)                 # [tiles, 16, in / 8, 4]
+        chunks = packed.permute(0, 2, 1, 3)                                     # [tiles, in / 8, 16, 4]
+    chunks = chunks.reshape(tiles, -1, 64)
+    out = torch.empty_like(chunks)
+    for first, n in thread_tile_groups(codes.shape[0], threads):
+        out[first: first + n] = chunks[first: first + n].transpose(0, 1).reshape(n, -1, 64)
+    return out.reshape(tiles, -1)
 
 
-def untile_codes(tiled: torch.Tensor, bits: int, out_f: int, in_f: int) -> torch.Tensor:
+def untile_codes(tiled: torch.Tensor, bits: int, out_f: int, in_f: int, threads: int = 1) -> torch.Tensor:
     """Inverse of `tile_codes`: codes [out_f, in_f]."""
     tiles = tiled.shape[0]
+    chunks = tiled.reshape(tiles, -1, 64).clone()
+    for first, n in thread_tile_groups(out_f, threads):
+        chunks[first: first + n] = tiled.reshape(tiles, -1, 64)[first: first + n].reshape(-1, n, 64).transpose(0, 1)
     if bits == 8:
-        c = tiled.reshape(tiles, in_f // 4, TILE, 4).permute(0, 2, 1, 3).reshape(tiles * TILE, in_f)
+        c = chunks.reshape(tiles, in_f // 4, TILE, 4).permute(0, 2, 1, 3).reshape(tiles * TILE, in_f)
     else:
-        p = tiled.reshape(tiles, in_f // 8, TILE, 4).permute(0, 2, 1, 3)  # [tiles, 16, in / 8, 4]
+        p = chunks.reshape(tiles, in_f // 8, TILE, 4).permute(0, 2, 1, 3)     # [tiles, 16, in / 8, 4]
         c = torch.stack([p & 0xF, p >> 4], dim=3).reshape(tiles * TILE, in_f)
     return c[:out_f].contiguous()
 
@@ -92,18 +120,19 @@ def untile_groups(t: torch.Tensor, out_f: int) -> torch.Tensor:
     return t.permute(0, 2, 1).reshape(-1, t.shape[1])[:out_f]
 
 
-def native_matrix(qw: QuantizedWeight, bias: torch.Tensor | None = None, where: str = "layer") -> NativeMatrix:
-    """The kernel's layout of one grid (see the module docstring)."""
+def native_matrix(qw: QuantizedWeight, bias: torch.Tensor | None = None, where: str = "layer",
+                  threads: int = 1) -> NativeMatrix:
+    """The kernel's layout of one grid (see the module docstring), for a decoder running `threads` threads."""
     check_native(qw, where)
     out_f, in_f = qw.shape
     per_channel = qw.group_size >= in_f
     groups = 1 if per_channel else qw.scales.shape[1]
     blocks_per_group = -(-in_f // BLOCK) if per_channel else qw.group_size // BLOCK
     bits = 8 if qw.bits == 8 else 4
-    codes = tile_codes(qw.codes, bits)
+    codes = tile_codes(qw.codes, bits, threads)
     scales, zeros = tile_groups(qw.scales[:, :groups].float()), tile_groups(qw.zeros[:, :groups])
     bias = None if bias is None else bias.detach().float().contiguous()
-    return NativeMatrix(codes, scales, zeros, bias, out_f, in_f, bits, groups, blocks_per_group)
+    return NativeMatrix(codes, scales, zeros, bias, out_f, in_f, bits, groups, blocks_per_group, threads)
 
 
 def native_matvec(m: NativeMatrix, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +145,7 @@ def native_matvec(m: NativeMatrix, x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(m.rows)
     load_library().nsd_matvec(m.codes.data_ptr(), m.scales.data_ptr(), m.zeros.data_ptr(),
                               None if m.bias is None else m.bias.data_ptr(), m.rows, m.cols, m.bits, m.groups,
-                              m.blocks_per_group, x.data_ptr(), y.data_ptr())
+                              m.blocks_per_group, m.threads, x.data_ptr(), y.data_ptr())
     return y
 
 
@@ -124,7 +153,7 @@ def reference_matvec(m: NativeMatrix, x: torch.Tensor) -> torch.Tensor:
     """What the kernel computes, in float64: activations quantized per 64-column block, then the grid's matvec.
     For tests: the kernel must match this to float32 rounding."""
     xq, a = quantize_activation(x)
-    codes = untile_codes(m.codes, m.bits, m.rows, m.cols).double()
+    codes = untile_codes(m.codes, m.bits, m.rows, m.cols, m.threads).double()
     blocks = torch.arange(m.cols) // BLOCK
     group = blocks // m.blocks_per_group
     scales, zeros = untile_groups(m.scales, m.rows).double(), untile_groups(m.zeros, m.rows).double()
