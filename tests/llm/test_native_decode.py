@@ -279,3 +279,37 @@ def test_decode_speed_takes_the_native_runtime_for_packed_models(tiny_llama):
     assert lean["native"] == 0.0 and lean["lean"] == 1.0
     with pytest.raises(NetshrinkError, match="lm_head is a Linear"):
         decode_tokens_per_second(blocks_only, prompt, new_tokens=4, num_threads=1, runtime="native")
+
+
+@needs_native
+def test_the_kernel_builds_into_the_cache_named_by_its_source(tmp_path, monkeypatch):
+    from netshrink.llm.native import build
+
+    monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path))
+    build.load_library.cache_clear()
+    try:
+        lib = build.load_library()
+        built = list((tmp_path / "native").glob("decode-*.so"))
+        assert len(built) == 1 and lib._name == str(built[0])
+        assert not list((tmp_path / "native").glob("tmp*"))       # the temporary name was renamed, not left
+    finally:
+        build.load_library.cache_clear()
+
+
+@needs_native
+def test_a_failed_build_is_named_and_auto_decoding_falls_back_to_lean(tmp_path, monkeypatch, tiny_llama):
+    from netshrink.bench import decode_tokens_per_second
+    from netshrink.llm.native import build
+
+    monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")                            # a "compiler" that always fails
+    build.load_library.cache_clear()
+    try:
+        with pytest.raises(NetshrinkError, match="compiling decode.cpp failed"):
+            build.load_library()
+        prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(5))
+        with pytest.warns(UserWarning, match="native decoding unavailable"):
+            speed = decode_tokens_per_second(packed(tiny_llama), prompt, new_tokens=3, num_threads=1)
+        assert speed["native"] == 0.0 and speed["lean"] == 1.0
+    finally:
+        build.load_library.cache_clear()

@@ -36,7 +36,17 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("NETSHRINK_CACHE", Path.home() / ".cache" / "netshrink")) / "native"
+    """$NETSHRINK_CACHE/native, else ~/.cache/netshrink/native, else (no writable home) the temp directory's."""
+    if "NETSHRINK_CACHE" in os.environ:
+        return Path(os.environ["NETSHRINK_CACHE"]) / "native"
+    home = Path.home() / ".cache" / "netshrink" / "native"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / "netshrink-native"
 
 
 @lru_cache(maxsize=1)
