@@ -118,6 +118,13 @@ def measure_model(entry: ZooModel, n: int | None, num_threads: int, watts: float
             progress(f"{entry.name}: decoding with {name}")
             speed = bench.decode_tokens_per_second(model, prompt, new_tokens=8 if quick else 32, num_threads=num_threads)
             results[name].throughput = speed["tokens_per_s"]
+            if speed["native"]:  # quality from the runtime that decoded (int8 activations), not the model's forward
+                from netshrink.llm.native import NativeDecoder
+
+                progress(f"{entry.name}: perplexity of {name} through NativeDecoder")
+                with bench.threads(num_threads):
+                    native = NativeDecoder(model, max_len=512)
+                results[name].quality = _quality(entry, native, entry, n, quick)
             _, mem = bench.peak_rss_during(lambda: model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False))
             results[name].peak_growth_mib = mem["growth_mib"]
         base = results["FP32"].throughput

@@ -91,5 +91,5 @@ def variants_for_kind(kind: str) -> list[Variant]:
     if kind == "decoder":
         return [Variant("BF16", _bf16_eager, "bfloat16 weights and activations"),
                 Variant("INT8 dynamic", _int8_dynamic_eager, "INT8 weights per channel, activations per token, integer GEMMs"),
-                Variant("INT4 g128 RTN", _int4_decoder, "blocks INT4 group 128, LM head INT8; forward on torch's int4 kernel (BF16 activations), tokens/s from NativeDecoder (int8 activations, AVX-512 VNNI) where the CPU has it")]
+                Variant("INT4 g128 RTN", _int4_decoder, "blocks INT4 group 128, LM head INT8; batch-1 latency from the forward on torch's int4 kernel (BF16 activations); perplexity and tokens/s from NativeDecoder (int8 activations, AVX-512 VNNI) where the CPU has it")]
     return []

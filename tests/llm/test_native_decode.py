@@ -313,3 +313,20 @@ def test_a_failed_build_is_named_and_auto_decoding_falls_back_to_lean(tmp_path, 
         assert speed["native"] == 0.0 and speed["lean"] == 1.0
     finally:
         build.load_library.cache_clear()
+
+
+@needs_native
+def test_eval_perplexity_scores_the_native_runtime_like_a_model(tiny_llama, byte_tokenizer):
+    from netshrink.eval.perplexity import perplexity
+
+    model = packed(tiny_llama)
+    decoder = NativeDecoder(model, max_len=64)
+    ids = torch.randint(0, 256, (9,), generator=torch.Generator().manual_seed(6))
+    every = decoder(ids[None])
+    assert every.shape == (1, 9, 256)
+    decoder.reset()
+    assert torch.equal(every[0, -1], decoder.forward(ids))        # position by position = one forward
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune."
+    native = perplexity(decoder, byte_tokenizer, text, max_length=64, stride=32)["perplexity"]
+    forward = perplexity(model, byte_tokenizer, text, max_length=64, stride=32)["perplexity"]
+    assert abs(native / forward - 1) < 0.02

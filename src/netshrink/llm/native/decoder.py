@@ -234,6 +234,15 @@ class NativeDecoder:
         return best
 
     @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [1, T, vocab] at every position of `ids` ([T] or [1, T]), decoded from an empty cache: lets
+        `netshrink.eval.perplexity` score the native runtime exactly as it scores a model."""
+        ids = ids.reshape(-1)
+        self._check(ids, ids.numel())
+        self.reset()
+        return torch.stack([self.forward(ids[i: i + 1]) for i in range(ids.numel())])[None]
+
+    @torch.inference_mode()
     def perplexity(self, ids: torch.Tensor) -> float:
         """exp(mean negative log-likelihood) of ids[1:] given the tokens before each, decoded from an empty cache."""
         ids = ids.reshape(-1)
