@@ -200,7 +200,10 @@ def test_thread_count_does_not_change_the_result_and_the_model_is_untouched(tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prompt = torch.randint(0, 256, (7,), generator=torch.Generator().manual_seed(2))
     one, two = NativeDecoder(model, max_len=32, threads=1), NativeDecoder(model, max_len=32, threads=2)
-    assert torch.equal(one.forward(prompt), two.forward(prompt))   # rows and heads split, never a sum
+    want = one.forward(prompt)
+    assert torch.equal(want, two.forward(prompt))                  # rows and heads split, never a sum
+    three = NativeDecoder(model, max_len=32, threads=3)              # more threads than this machine's cores
+    assert torch.equal(want, three.forward(prompt))
     assert one.generate(prompt, 6) == two.generate(prompt, 6)
     plain = NativeDecoder(model, max_len=32, threads=2, huge_pages=False)     # weights in ordinary pages
     two.reset()

@@ -259,7 +259,12 @@ class Pool {
       count_.store(0, std::memory_order_relaxed);
       phase_.store(phase + 1, std::memory_order_release);
     } else {
-      while (phase_.load(std::memory_order_acquire) == phase) _mm_pause();
+      // Spin, but yield now and then: with more threads than free cores, the thread being waited for may
+      // need this core to arrive at all.
+      for (unsigned spins = 1; phase_.load(std::memory_order_acquire) == phase; ++spins) {
+        _mm_pause();
+        if ((spins & 1023) == 0) std::this_thread::yield();
+      }
     }
   }
 
