@@ -261,6 +261,8 @@ def test_clear_errors(tiny_llama):
         decoder.forward(torch.arange(9))
     with pytest.raises(NetshrinkError, match="outside the vocabulary of 256"):
         decoder.forward(torch.tensor([256]))
+    with pytest.raises(NetshrinkError, match="threads >= 1, got 8 and 0"):
+        NativeDecoder(packed(tiny_llama), max_len=8, threads=0)
     with pytest.raises(NetshrinkError, match="no tokens"):
         decoder.forward(torch.tensor([], dtype=torch.long))
     assert decoder.pos == 0

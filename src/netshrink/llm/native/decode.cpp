@@ -155,8 +155,10 @@ inline void gemv_tiles(const Matrix& m, const QAct& x, const float* xg, int tile
   for (int t = 0; t < NT; ++t) {
     const size_t base = (size_t)(tile0 + t) * m.groups * 16;
     for (int g = 0; g < m.groups; ++g) {  // the zero points: - scale * zero * sum_b a_b sum(q)
-      const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(m.zeros + base + g * 16))));
-      f[t] = _mm512_fnmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(m.scales + base + g * 16), zero), _mm512_set1_ps(xg[g]), f[t]);
+      const __m128i zero8 = _mm_loadu_si128((const __m128i*)(m.zeros + base + g * 16));
+      const __m512 zero = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(zero8));
+      const __m512 scale = _mm512_loadu_ps(m.scales + base + g * 16);
+      f[t] = _mm512_fnmadd_ps(_mm512_mul_ps(scale, zero), _mm512_set1_ps(xg[g]), f[t]);
     }
     const int r = (tile0 + t) * 16;
     const __mmask16 mask = tail_mask(r_end - r);
@@ -478,7 +480,8 @@ struct Decoder {
         const __m512 g = _mm512_maskz_loadu_ps(mask, gu.data() + i);
         const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
         const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
-        _mm512_mask_storeu_ps(hbuf.data() + i, mask, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(mask, gu.data() + inter + i)));
+        const __m512 up = _mm512_maskz_loadu_ps(mask, gu.data() + inter + i);
+        _mm512_mask_storeu_ps(hbuf.data() + i, mask, _mm512_mul_ps(silu, up));
       }
       quantize_blocks(hbuf.data(), inter, b0, b1, act_ffn);
       mark(t, 9, clock);

@@ -106,6 +106,9 @@ class NativeDecoder:
                                  hint="decode it with netshrink.llm.decode.LeanDecoder")
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         self.window = window
+        if max_len < 1 or (threads is not None and threads < 1):
+            raise NetshrinkError(f"need max_len >= 1 and threads >= 1, got {max_len} and {threads}",
+                                 where="NativeDecoder")
         self.lib = load_library()
         self.max_len, self.threads = max_len, threads or torch.get_num_threads()
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
