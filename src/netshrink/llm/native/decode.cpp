@@ -9,20 +9,21 @@
 //       y_r = sum_b a_b s_{r,g(b)} sum_{k in b} code_k q_k  +  sum_g m_{r,g} sum_{b in g} a_b sum_{k in b} q_k
 //     with m = -scale * zero;
 //   - weights are stored by tiles of 16 rows so that each VNNI lane is one row (see gemv_tiles);
-//   - attention, RoPE, RMSNorm and SiLU run in float32 next to a float32 KV cache.
-// The Python side (native_decode.py) builds the layouts, compiles this file and checks it against the model.
+//   - attention, RoPE, RMSNorm and SiLU run in float32, next to a float16 KV cache.
+// The Python side (native/decoder.py, layout.py, build.py) builds the layouts, compiles this file and checks the
+// model before handing it pointers.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
-#include <algorithm>
 #include <cstring>
 #include <functional>
-#include <tuple>
 #include <mutex>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -115,7 +116,7 @@ std::pair<int, int> thread_rows(int n, int threads, int t) {
 // stored [tile][group][16].
 template <int NT, int BITS>
 inline void gemv_tiles(const Matrix& m, const QAct& x, const float* xg, int tile0, int r_end, float* y) {
-  const int K = m.cols, cols_per_chunk = BITS == 4 ? 8 : 4;
+  const int K = m.cols;
   const size_t tile_bytes = (size_t)16 * K * BITS / 8;
   const uint8_t* w[NT];
   __m512 f[NT];
@@ -151,7 +152,6 @@ inline void gemv_tiles(const Matrix& m, const QAct& x, const float* xg, int tile
       f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc0[t], hi)), _mm512_mul_ps(s, a), f[t]);
     }
   }
-  (void)cols_per_chunk;
   for (int t = 0; t < NT; ++t) {
     const size_t base = (size_t)(tile0 + t) * m.groups * 16;
     for (int g = 0; g < m.groups; ++g) {  // the zero points: - scale * zero * sum_b a_b sum(q)
