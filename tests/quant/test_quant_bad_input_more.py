@@ -15,13 +15,10 @@ from netshrink.quant.configs import BF16, FP8, FP16, Int8Dynamic, Int8Static
 from netshrink.quant.modules import CastLayer, Int8Conv2d, Int8Linear
 from netshrink.quant.qat import QATConfig, _QATLayer, prepare_qat
 
+from test_api import _mlp  # the same small MLP as the API tests
+
 CONFIGS = [Int8Dynamic(), Int8Static(), BF16(), FP16(backend="eager"), FP8()]
 IDS = ["Int8Dynamic", "Int8Static", "BF16", "FP16", "FP8"]
-
-
-def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
 
 
 def _cnn(seed: int = 0) -> nn.Module:

@@ -155,7 +155,7 @@ def _all_packed(model: torch.nn.Module) -> bool:
         for layer in layers + [head]:
             if not isinstance(layer, PackedLinear):
                 return False
-            check_native(layer.quantized_weight(), "layer")
+            check_native(layer.in_features, layer.bits, layer.group_size, "layer")   # no unpacking
     except NetshrinkError:
         return False
     return True

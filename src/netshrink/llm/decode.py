@@ -65,6 +65,21 @@ class _Block:
         self.scaling = attn.scaling
 
 
+def sliding_window(config) -> int | None:
+    """The attention window a decoder must stay within, or None (no window, or the model does not use it)."""
+    return getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+
+
+def check_length(end: int, max_len: int, window: int | None, where: str) -> None:
+    """Refuse a sequence of `end` tokens longer than the decoder's cache or the model's sliding window."""
+    if end > max_len:
+        raise NetshrinkError(f"sequence of {end} tokens exceeds the decoder's cache of {max_len}",
+                             where=where, hint="create it with a larger max_len")
+    if window is not None and end > window:
+        raise NetshrinkError(f"sequence of {end} tokens exceeds the model's sliding window of {window}",
+                             where=where, hint="decode it with the model's own forward")
+
+
 def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
@@ -86,8 +101,7 @@ class LeanDecoder:
         self.lm_head = _direct(model.get_submodule(arch.lm_head))
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        self.window = window
+        self.window = sliding_window(config)
         dtype = self.embed.weight.dtype if self.embed.weight.is_floating_point() else torch.float32
         with torch.inference_mode():
             positions = torch.arange(max_len)[None]
@@ -107,12 +121,7 @@ class LeanDecoder:
         ids = ids.reshape(-1)
         T, start = ids.shape[0], self.pos
         end = start + T
-        if end > self.max_len:
-            raise NetshrinkError(f"sequence of {end} tokens exceeds the decoder's cache of {self.max_len}",
-                                 where="LeanDecoder", hint="create it with a larger max_len")
-        if self.window is not None and end > self.window:
-            raise NetshrinkError(f"sequence of {end} tokens exceeds the model's sliding window of {self.window}",
-                                 where="LeanDecoder", hint="decode it with the model's own forward")
+        check_length(end, self.max_len, self.window, "LeanDecoder")
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[start:end], self.sin[start:end]
         mask, causal = None, False

@@ -216,12 +216,6 @@ void rope(float* x, const float* cos, const float* sin, int d) {
   for (int i = 0; i < d; ++i) x[i] = x[i] * cos[i] + tmp[i] * sin[i];
 }
 
-float dot(const float* a, const float* b, int n) {  // n % 16 == 0
-  __m512 acc = _mm512_setzero_ps();
-  for (int i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-  return _mm512_reduce_add_ps(acc);
-}
-
 struct Layer {
   Matrix qkv, o, gate_up, down;
   const float *norm1 = nullptr, *norm2 = nullptr, *q_norm = nullptr, *k_norm = nullptr;

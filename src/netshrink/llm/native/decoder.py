@@ -15,6 +15,7 @@ from torch import nn
 
 from netshrink.errors import NetshrinkError
 from netshrink.llm.arch import arch_of
+from netshrink.llm.decode import check_length, sliding_window
 from netshrink.llm.fuse import FusedSlice
 from netshrink.llm.native.build import load_library, missing_cpu_flags
 from netshrink.llm.native.layout import NativeMatrix, native_matrix
@@ -69,9 +70,9 @@ def _huge_page_arena(entries: list[tuple[int, int, NativeMatrix]]) -> torch.Tens
         madvise = libc.madvise
     except (OSError, AttributeError):
         return None
-    tensors = [t for _, _, m in entries for t in (m.codes, m.scales, m.zeros)]
-    sizes = [-(-t.numel() * t.element_size() // 64) * 64 for t in tensors]
-    total = sum(sizes)
+    slots = [(m, name) for _, _, m in entries for name in ("codes", "scales", "zeros")]
+    sizes = [getattr(m, name).numel() * getattr(m, name).element_size() for m, name in slots]
+    total = sum(-(-n // 64) * 64 for n in sizes)                   # each tensor starts on a cache line
     arena = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)     # large: mmap'd, pages not touched yet
     start = (-arena.data_ptr()) % HUGE_PAGE
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -79,14 +80,12 @@ def _huge_page_arena(entries: list[tuple[int, int, NativeMatrix]]) -> torch.Tens
     if madvise(arena.data_ptr() + start, length, 14) != 0:                      # MADV_HUGEPAGE
         return None
     offset = start
-    for _, _, m in entries:
-        for name in ("codes", "scales", "zeros"):
-            t = getattr(m, name)
-            n = t.numel() * t.element_size()
-            view = arena[offset: offset + n].view(t.dtype).view(t.shape)
-            view.copy_(t)
-            setattr(m, name, view)
-            offset += -(-n // 64) * 64
+    for (m, name), n in zip(slots, sizes):
+        t = getattr(m, name)
+        view = arena[offset: offset + n].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        setattr(m, name, view)
+        offset += -(-n // 64) * 64
     return arena
 
 
@@ -104,8 +103,7 @@ class NativeDecoder:
         if act not in ("silu", "swish"):
             raise NetshrinkError(f"activation {act!r} is not SiLU", where="config.hidden_act",
                                  hint="decode it with netshrink.llm.decode.LeanDecoder")
-        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        self.window = window
+        self.window = sliding_window(config)
         if max_len < 1 or (threads is not None and threads < 1):
             raise NetshrinkError(f"need max_len >= 1 and threads >= 1, got {max_len} and {threads}",
                                  where="NativeDecoder")
@@ -208,12 +206,7 @@ class NativeDecoder:
 
     def _check(self, ids: torch.Tensor, end: int) -> torch.Tensor:
         ids = ids.reshape(-1).to(torch.int64).contiguous()
-        if end > self.max_len:
-            raise NetshrinkError(f"sequence of {end} tokens exceeds the decoder's cache of {self.max_len}",
-                                 where="NativeDecoder", hint="create it with a larger max_len")
-        if self.window is not None and end > self.window:
-            raise NetshrinkError(f"sequence of {end} tokens exceeds the model's sliding window of {self.window}",
-                                 where="NativeDecoder", hint="decode it with the model's own forward")
+        check_length(end, self.max_len, self.window, "NativeDecoder")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
             raise NetshrinkError(f"token id outside the vocabulary of {self.vocab}", where="NativeDecoder")
         return ids
@@ -251,13 +244,8 @@ class NativeDecoder:
         ids = ids.reshape(-1)
         if ids.numel() < 2:
             raise NetshrinkError("need at least 2 tokens to score", where="NativeDecoder.perplexity")
-        self._check(ids, ids.numel() - 1)
-        self.reset()
-        nll = 0.0
-        for i in range(ids.numel() - 1):
-            logits = self.forward(ids[i: i + 1])
-            nll -= float(torch.log_softmax(logits, 0)[ids[i + 1]])
-        return float(torch.exp(torch.tensor(nll / (ids.numel() - 1))))
+        logits = self(ids[:-1])[0]
+        return float(torch.exp(torch.nn.functional.cross_entropy(logits, ids[1:])))
 
     def generate(self, ids: torch.Tensor, new_tokens: int) -> list[int]:
         """Greedy continuation of the prompt `ids`: the `new_tokens` token ids after it (the cache starts empty)."""

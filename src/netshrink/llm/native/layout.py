@@ -43,19 +43,18 @@ class NativeMatrix:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def check_native(qw: QuantizedWeight, where: str) -> None:
-    """Refuse grids the kernel has no layout for, naming the layer."""
-    out_f, in_f = qw.shape
-    if qw.bits not in (3, 4, 8):
-        raise NetshrinkError(f"{qw.bits}-bit weights have no native layout", where=where, hint="use 3, 4 or 8 bits")
-    if in_f % 64:
-        raise NetshrinkError(f"in_features={in_f} is not a multiple of 64", where=where,
+def check_native(in_features: int, bits: int, group_size: int, where: str) -> None:
+    """Refuse grids the kernel has no layout for, naming the layer (from the grid's shape and settings alone)."""
+    if bits not in (3, 4, 8):
+        raise NetshrinkError(f"{bits}-bit weights have no native layout", where=where, hint="use 3, 4 or 8 bits")
+    if in_features % 64:
+        raise NetshrinkError(f"in_features={in_features} is not a multiple of 64", where=where,
                              hint="the native kernel reads blocks of 64 columns")
-    if qw.group_size < in_f and qw.group_size % BLOCK:
-        raise NetshrinkError(f"group size {qw.group_size} is not a multiple of {BLOCK}", where=where,
+    if group_size < in_features and group_size % BLOCK:
+        raise NetshrinkError(f"group size {group_size} is not a multiple of {BLOCK}", where=where,
                              hint="quantize with group_size 64, 128, 256, ... or per channel")
-    if qw.group_size < in_f and -(-in_f // qw.group_size) > 1024:
-        raise NetshrinkError(f"in_features={in_f} makes more than 1024 groups of {qw.group_size}", where=where,
+    if group_size < in_features and -(-in_features // group_size) > 1024:
+        raise NetshrinkError(f"in_features={in_features} makes more than 1024 groups of {group_size}", where=where,
                              hint="use a larger group size")
 
 
@@ -123,7 +122,7 @@ def untile_groups(t: torch.Tensor, out_f: int) -> torch.Tensor:
 def native_matrix(qw: QuantizedWeight, bias: torch.Tensor | None = None, where: str = "layer",
                   threads: int = 1) -> NativeMatrix:
     """The kernel's layout of one grid (see the module docstring), for a decoder running `threads` threads."""
-    check_native(qw, where)
+    check_native(qw.shape[1], qw.bits, qw.group_size, where)
     out_f, in_f = qw.shape
     per_channel = qw.group_size >= in_f
     groups = 1 if per_channel else qw.scales.shape[1]
