@@ -72,7 +72,7 @@ def test_additive_bias_is_one_opaque_op_under_compile():
 
 
 @pytest.mark.slow
-def test_minilm_default_int8_uses_bf16_attention_and_keeps_fidelity():
+def test_minilm_compiled_int8_uses_bf16_attention_and_keeps_fidelity():
     from netshrink import data, zoo
     from netshrink.quant import Int8Dynamic, quantize_
 
@@ -80,7 +80,7 @@ def test_minilm_default_int8_uses_bf16_attention_and_keeps_fidelity():
         warnings.simplefilter("ignore")
         entry = zoo.load("minilm")
     enc = entry.tokenizer(data.sentences(40), padding=True, truncation=True, max_length=64, return_tensors="pt")
-    q = quantize_(entry.model, Int8Dynamic())            # default: compiled, attention "auto" -> bf16
+    q = quantize_(entry.model, Int8Dynamic(backend="compile"))   # compiled: attention "auto" -> bf16
     assert q.backbone.config._attn_implementation == attention.NAME
     assert entry.model.backbone.config._attn_implementation != attention.NAME   # the input model is untouched
     with torch.no_grad():

@@ -178,6 +178,9 @@ def float_twin(model: nn.Module, what: str = "ONNX") -> tuple[nn.Module, dict[by
                 module._forward_pre_hooks_with_kwargs.pop(key, None)
     if getattr(twin, "_compiled_call_impl", None) is not None:
         twin._compiled_call_impl = None
+    from netshrink.quant.native_encoder import unuse_native_encoders
+
+    unuse_native_encoders(twin)  # the native int8 encoder forward would bypass the float layers just put in
     # nn.Module._apply directly: transformers forbids .float() on models it loaded from quantized (GGUF) files
     twin._apply(lambda t: t.float() if t.is_floating_point() else t)
     return twin.eval(), grids

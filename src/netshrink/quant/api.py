@@ -291,6 +291,35 @@ def _build(name: str, module: nn.Module, cfg: Config, ranges: dict[str, tuple]) 
     return CastLayer(module, dtype), dict(method="bf16" if dtype == torch.bfloat16 else "fp16", bits=16)
 
 
+def _use_native(model: nn.Module, config: Config, required: bool) -> bool:
+    """Route the model's BERT-style encoders through NativeEncoder; False (or, if required, an error) when it cannot."""
+    from netshrink.quant.native_encoder import bert_style_encoders, native_available, use_native_encoders
+
+    if not isinstance(config, Int8Dynamic):
+        if required:
+            raise NetshrinkError(f"the native backend runs Int8Dynamic models only, not {type(config).__name__}",
+                                 where="config.backend", hint='use backend="compile" or "eager"')
+        return False
+    if not bert_style_encoders(model):
+        if required:
+            raise NetshrinkError("no BERT-style encoder (an *Encoder module with a .layer list) in this model",
+                                 where="config.backend", hint='use backend="compile" or "eager"')
+        return False
+    if not native_available():
+        if required:
+            from netshrink.quant.native_encoder import load_library
+
+            load_library()  # raises the reason: a missing CPU feature or a failed build
+        return False
+    try:
+        use_native_encoders(model)
+    except NetshrinkError:
+        if required:
+            raise
+        return False
+    return True
+
+
 def _is_transformers(model: nn.Module) -> bool:
     return any(hasattr(m, "config") and hasattr(m, "set_attn_implementation") for m in model.modules())
 
@@ -373,6 +402,11 @@ def quantize_(model: nn.Module, config: Config, calibration: Any = None, inplace
         warnings.warn("this CPU has no fast FP16 arithmetic (no AVX-512 FP16 / AMX-FP16): FP16 layers are converted "
                       "and run slowly; use BF16() for speed", stacklevel=2)
     backend = config.backend
+    if backend == "native":
+        _use_native(model, config, required=True)
+    elif backend == "auto" and isinstance(config, Int8Dynamic) and _is_transformers(model) \
+            and _use_native(model, config, required=False):
+        backend = "native"
     if backend == "auto":
         backend = "compile" if _is_transformers(model) and not isinstance(config, FP16) else "eager"
     if isinstance(config, Int8Dynamic) and (config.attention == "bf16"

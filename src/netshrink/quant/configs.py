@@ -7,8 +7,10 @@ Common fields:
 - `fold_bn`: fold BatchNorm into the preceding convolution first (Conv -> BN pairs in an nn.Sequential).
 - `backend`: ``"eager"`` runs the quantized layers op by op; ``"compile"`` also compiles the model in place with
   torch.compile (inductor) so the activation quantization, scaling, bias, layer norm and GELU around each int8 GEMM
-  fuse into a few loops; ``"auto"`` compiles transformers models (where that fusion is most of the speed-up) and
-  leaves small models eager (no compile delay).
+  fuse into a few loops; ``"native"`` (Int8Dynamic only) runs BERT-style encoder stacks through netshrink's own
+  fused int8 forward (`netshrink.quant.native_encoder`, AVX-512 VNNI); ``"auto"`` picks native for Int8Dynamic
+  models whose encoders it can run on this CPU, compiles other transformers models (where that fusion is most of
+  the speed-up) and leaves small models eager (no compile delay).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 
 from netshrink.errors import NetshrinkError
 
-BACKENDS = ("auto", "eager", "compile")
+BACKENDS = ("auto", "eager", "compile", "native")
 
 
 def _check_backend(backend: str) -> None:

@@ -61,7 +61,8 @@ class FinetuneParams(Params):
 
 
 # ---- quantize ----------------------------------------------------------------------------------------------------
-Backend = Literal["auto", "eager", "compile"]  # "compile": torch.compile fuses the ops around each int8 GEMM
+Backend = Literal["auto", "eager", "compile", "native"]  # "compile": torch.compile fuses the ops around each int8
+# GEMM; "native": netshrink's fused int8 encoder forward (Int8Dynamic, BERT-style encoders)
 
 
 class CastParams(Params):

@@ -14,6 +14,9 @@
 // model before handing it pointers.
 #include <immintrin.h>
 
+#include "pool.h"
+#include "simd.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -27,6 +30,10 @@
 #include <vector>
 
 namespace {
+
+using netshrink::exp512;
+using netshrink::Pool;
+using netshrink::tail_mask;
 
 constexpr int kBlock = 64;  // activation block: one int8 scale per 64 columns (weight groups are whole blocks)
 
@@ -50,7 +57,6 @@ struct QAct {
   }
 };
 
-inline __mmask16 tail_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
 // Quantize blocks [b0, b1) of x (cols values) into qa: q = clamp(round_half_even(x * 127 / absmax), +-127).
 void quantize_blocks(const float* x, int cols, int b0, int b1, QAct& qa) {
@@ -81,23 +87,6 @@ inline __m256i to_half(__m512 v) {
   return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 inline __m512 from_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
-
-// e^x for float32 lanes: 2^n * p(r), r = x - n ln2, p a degree-6 Taylor polynomial (relative error ~2e-7).
-inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // The rows of an n-row matrix that thread t of `threads` computes: equal shares in multiples of 16.
 std::pair<int, int> thread_rows(int n, int threads, int t) {
@@ -219,79 +208,6 @@ void rope(float* x, const float* cos, const float* sin, int d) {
 struct Layer {
   Matrix qkv, o, gate_up, down;
   const float *norm1 = nullptr, *norm2 = nullptr, *q_norm = nullptr, *k_norm = nullptr;
-};
-
-// Threads that run one job each generation and meet at a sense-reversing spin barrier.
-class Pool {
- public:
-  explicit Pool(int n) : n_(n) {
-    for (int t = 1; t < n; ++t) workers_.emplace_back([this, t] { loop(t); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-      gen_.fetch_add(1);
-    }
-    cv_.notify_all();
-    for (auto& w : workers_) w.join();
-  }
-  int size() const { return n_; }
-  template <class F>
-  void run(F&& job) {  // job(tid) on every thread; returns when all have finished
-    job_ = [&job](int t) { job(t); };
-    gen_.fetch_add(1);
-    if (sleepers_.load() > 0) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      cv_.notify_all();
-    }
-    job_(0);
-    barrier();
-  }
-  void barrier() {
-    if (n_ == 1) return;
-    int phase = phase_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
-      count_.store(0, std::memory_order_relaxed);
-      phase_.store(phase + 1, std::memory_order_release);
-    } else {
-      // Spin, but yield now and then: with more threads than free cores, the thread being waited for may
-      // need this core to arrive at all.
-      for (unsigned spins = 1; phase_.load(std::memory_order_acquire) == phase; ++spins) {
-        _mm_pause();
-        if ((spins & 1023) == 0) std::this_thread::yield();
-      }
-    }
-  }
-
- private:
-  void loop(int t) {
-    int seen = 0;  // the generation at construction: a job posted before this thread starts still runs
-    for (;;) {
-      int spins = 0;
-      while (gen_.load() == seen && spins < 200000) {
-        _mm_pause();
-        ++spins;
-      }
-      if (gen_.load() == seen) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        sleepers_.fetch_add(1);
-        cv_.wait(lock, [&] { return gen_.load() != seen; });
-        sleepers_.fetch_sub(1);
-      }
-      seen = gen_.load();
-      if (stop_) return;
-      job_(t);
-      barrier();
-    }
-  }
-  int n_;
-  std::vector<std::thread> workers_;
-  std::function<void(int)> job_;
-  std::atomic<int> gen_{0}, sleepers_{0}, count_{0}, phase_{0};
-  bool stop_ = false;
-  std::mutex mutex_;
-  std::condition_variable cv_;
 };
 
 struct Decoder {
