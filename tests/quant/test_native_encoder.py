@@ -270,3 +270,15 @@ def test_model_level_fast_path_and_its_fallbacks_agree():
     assert torch.equal(fast.last_hidden_state[keep], embeds.last_hidden_state[keep])   # the encoder is native in both
     assert torch.allclose(fast.pooler_output, native.pooler(fast.last_hidden_state))
     assert torch.equal(no_mask.last_hidden_state[0], fast.last_hidden_state[0])        # row 0 is unpadded
+
+
+@needs_native
+def test_calls_from_several_python_threads_do_not_share_buffers_mid_forward():
+    from concurrent.futures import ThreadPoolExecutor
+
+    native = NativeEncoder(quantize_(_tiny_bert(), Int8Dynamic(backend="eager")).encoder)
+    inputs = [torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    want = [native(h) for h in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(native, inputs * 5))
+    assert all(torch.equal(g, want[i % 8]) for i, g in enumerate(got))

@@ -10,6 +10,7 @@ state dict, saving and export stay those of the ordinary quantized model.
 from __future__ import annotations
 
 import ctypes
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -175,6 +176,7 @@ class NativeEncoder:
             })
         self.hidden, self.head_dim, self.eps = hidden, head_dim, float(eps)
         self._handles: dict[int, int] = {}
+        self._lock = threading.Lock()  # a handle's buffers serve one forward at a time
 
     def _handle(self, threads: int) -> int:
         if threads not in self._handles:
@@ -202,8 +204,9 @@ class NativeEncoder:
                                      where=self.name)
             keep = keep.to(torch.uint8).contiguous()
         if batch * seq:
-            handle = self._handle(threads or torch.get_num_threads())
-            load_library().nse_forward(handle, x.data_ptr(), keep.data_ptr(), batch, seq)
+            with self._lock:
+                handle = self._handle(threads or torch.get_num_threads())
+                load_library().nse_forward(handle, x.data_ptr(), keep.data_ptr(), batch, seq)
         return x
 
     PHASES = ("q/k/v GEMM", "barrier wait", "attention", "attention output + LayerNorm", "intermediate + GELU",
@@ -220,7 +223,12 @@ class NativeEncoder:
     def __getstate__(self) -> dict:  # a copy builds its own native handles (they hold raw pointers)
         state = self.__dict__.copy()
         state["_handles"] = {}
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __del__(self) -> None:
         handles = getattr(self, "_handles", {})
