@@ -282,3 +282,20 @@ def test_calls_from_several_python_threads_do_not_share_buffers_mid_forward():
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(native, inputs * 5))
     assert all(torch.equal(g, want[i % 8]) for i, g in enumerate(got))
+
+
+@needs_native
+def test_a_saved_checkpoint_loads_back_onto_the_native_runtime(tmp_path):
+    from netshrink.export.checkpoint import load_checkpoint, save_checkpoint
+
+    model = _tiny_bert()
+    native = quantize_(model, Int8Dynamic(backend="native"))
+    loaded = load_checkpoint(save_checkpoint(native, tmp_path / "ck"), model=model)
+    assert type(loaded.encoder).__name__ == "NativeBertEncoder"
+    eager = load_checkpoint(save_checkpoint(quantize_(model, Int8Dynamic(backend="eager")), tmp_path / "ck2"),
+                            model=model)
+    assert type(eager.encoder).__name__ == "BertEncoder"                     # eager stays eager
+    ids, mask = _inputs(2, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).last_hidden_state,
+                           native(ids, attention_mask=mask).last_hidden_state)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import errno
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,12 @@ def _encoded_modules(model: nn.Module, record: dict[str, Any]) -> dict[str, nn.M
 
 def _hooks(model: nn.Module) -> dict[str, Any]:
     """The run-time behaviour outside the weights that a checkpoint must restore: netshrink's whole-model cast
-    hooks (BF16/FP16 models take and return FP32) and torch.compile. Any other netshrink hook is refused."""
-    found: dict[str, Any] = {"io_cast": None, "compiled": getattr(model, "_compiled_call_impl", None) is not None}
+    hooks (BF16/FP16 models take and return FP32), torch.compile and the native int8 encoder runtime. Any other
+    netshrink hook is refused."""
+    from netshrink.quant.native_encoder import uses_native_encoders
+
+    found: dict[str, Any] = {"io_cast": None, "compiled": getattr(model, "_compiled_call_impl", None) is not None,
+                             "native_encoders": uses_native_encoders(model)}
     for name, module in model.named_modules():
         for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]:
             qual = getattr(hook, "__qualname__", type(hook).__name__)
@@ -263,6 +268,14 @@ def _restore_runtime(model: nn.Module, runtime: dict[str, Any], where: str) -> N
         model.register_forward_hook(post)
     if runtime.get("compiled"):
         model.compile(options={"freezing": True})
+    if runtime.get("native_encoders"):
+        from netshrink.quant.native_encoder import native_available, use_native_encoders
+
+        if native_available():
+            use_native_encoders(model)
+        else:
+            warnings.warn(f"{where}: saved with the native int8 encoder runtime, which this machine cannot run "
+                          "(needs AVX-512 VNNI + BF16 and a C++ compiler): running the eager int8 layers", stacklevel=3)
 
 
 def load_checkpoint_entry(path: str | os.PathLike) -> Any:

@@ -376,3 +376,8 @@ def unuse_native_encoders(model: nn.Module) -> list[str]:
             module.__dict__.pop("_netshrink_native", None)
             switched.append(name)
     return switched
+
+
+def uses_native_encoders(model: nn.Module) -> bool:
+    """Whether any module of `model` runs through the native encoder runtime (what a checkpoint must restore)."""
+    return any(type(m) in _NATIVE_CLASSES.values() for m in model.modules())
