@@ -14,7 +14,7 @@ from torch import nn
 from netshrink.errors import NetshrinkError
 from netshrink.quant.api import quant_report, quantize_
 from netshrink.quant.configs import Int8Dynamic, Int8Static
-from netshrink.quant.native_encoder import NativeEncoder, PackedLinear, keys_kept, load_library, native_available
+from netshrink.quant.native_encoder import NativeEncoder, PanelLinear, keys_kept, load_library, native_available
 
 needs_native = pytest.mark.skipif(not native_available(), reason="needs AVX-512 VNNI + BF16 and a C++ compiler")
 
@@ -56,7 +56,7 @@ def test_gemm_matches_a_float64_reference_of_the_same_codes(n, k, m, seed):
     x = torch.randn(m, k, generator=g, dtype=torch.float64) * torch.rand(m, 1, generator=g, dtype=torch.float64) * 5
     x = x.float()
     x[0, 0] = 0.0 if m > 1 else x[0, 0]
-    got = PackedLinear(codes, scale, bias)(x).double()
+    got = PanelLinear(codes, scale, bias)(x).double()
     amax = x.abs().amax(1, keepdim=True)                          # the codes in float32, as the kernel rounds them
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
     q = torch.round(x * inv).clamp(-127, 127).double()
@@ -66,7 +66,7 @@ def test_gemm_matches_a_float64_reference_of_the_same_codes(n, k, m, seed):
 
 @needs_native
 def test_gemm_of_an_all_zero_row_is_the_bias():
-    linear = PackedLinear(torch.ones(5, 8, dtype=torch.int8), torch.ones(5), torch.arange(5.0))
+    linear = PanelLinear(torch.ones(5, 8, dtype=torch.int8), torch.ones(5), torch.arange(5.0))
     assert torch.equal(linear(torch.zeros(2, 8)), torch.arange(5.0).expand(2, 5))
 
 

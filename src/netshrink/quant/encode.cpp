@@ -1,6 +1,6 @@
 // netshrink's native forward pass for BERT-style encoders (post-LayerNorm, exact GELU) with int8 weights.
 //
-// It computes what netshrink's Int8Dynamic model computes, in one call on a pool of threads:
+// It computes what netshrink's Int8Dynamic model computes, in one call on a team of threads:
 //   - every Linear multiplies per-token int8 activation codes (scale = max|row| / 127, round half to even) by the
 //     layer's symmetric per-channel int8 weight codes with int32 sums. One vpdpbusd does 64 multiply-adds; it wants
 //     one unsigned operand, so weights are stored as code + 128 and 128 * sum(activation codes) is taken off again:
@@ -8,7 +8,8 @@
 //   - the GEMM's micro-tile dequantizes and adds the bias as it stores (y = acc * s_a * s_w + b); the residual add,
 //     LayerNorm, GELU and the next Linear's activation quantization then run on each chunk of rows while it is
 //     still in cache, instead of as separate passes over the whole batch;
-//   - attention runs in float32 per sequence and head, over the keys the padding mask keeps.
+//   - attention runs per sequence and head, over the keys the padding mask keeps: scores and softmax in float32,
+//     the value products in bfloat16 (vdpbf16ps, two keys per instruction).
 // Each thread owns one contiguous range of tokens for the whole forward. Only attention reads other threads' rows
 // (their keys and values), so threads meet at one barrier per layer; q/k/v alternate between two buffers by layer
 // so that a thread running ahead never overwrites keys another thread is still reading.
@@ -271,7 +272,8 @@ inline void score_block(const float (*qs)[HV * 16], const float* kt, int nkp, in
 }
 
 // Q queries (rows row0..row0+Q of qkv) attend to one head: ctx = softmax(q k^T * scaling) v over nk keys.
-// kt: keys transposed [hd][nkp] (zero past nk); v: values [nk][hd]; HV = hd / 16 (the Python side admits
+// kt: keys transposed [hd][nkp] (zero past nk); v: bfloat16 values in pairs of keys [nk / 2][hd][2] (zero past
+// nk); HV = hd / 16 (the Python side admits
 // head dimensions of 16, 32, 48 and 64 only).
 template <int Q, int HV>
 void attend(const float* qkv, int ldq, int row0, int q_off, float scaling, const float* kt, const uint16_t* v, int nk,
@@ -391,9 +393,9 @@ struct Encoder {
     qkv[0].assign(m * ldq, 0.f);
     qkv[1].assign(m * ldq, 0.f);
     ctx.assign(m * widest(&Layer::inner), 0.f);
-    int widest = 0;
-    for (const Layer& l : blocks) widest = std::max({widest, l.o.npad, l.up.npad, l.down.npad});
-    for (auto& t : tmp) t.assign((size_t)kMC * widest, 0.f);
+    int chunk_cols = 0;
+    for (const Layer& l : blocks) chunk_cols = std::max({chunk_cols, l.o.npad, l.up.npad, l.down.npad});
+    for (auto& t : tmp) t.assign((size_t)kMC * chunk_cols, 0.f);
   }
 
   std::pair<int, int> my_rows(int t, int team) const {
@@ -402,8 +404,8 @@ struct Encoder {
     return {a, std::min(m, a + per)};
   }
 
-  // Attention for query rows [r0, r1): each sequence they touch, each head, over that sequence's kept keys.
-  // Attention of sequence b for its query rows [q0, q1), then those rows of ctx quantized for the next GEMM.
+  // Attention of sequence b for its query rows [q0, q1), every head, over the keys its padding mask keeps; then
+  // those rows of ctx quantized for the attention output GEMM.
   void attention(const Layer& L, const float* q, int b, int q0, int q1, int t) {
     Scratch& s = scratch[t];
     const int ldq = L.qkv.npad, hd = head_dim, inner = L.inner, ldc = widest(&Layer::inner);
@@ -585,7 +587,7 @@ void nse_linear(const uint8_t* packed, const float* scale, const float* bias, in
   for (int r = 0; r < m; ++r) std::memcpy(y + (size_t)r * n, out.data() + (size_t)r * L.npad, n * sizeof(float));
 }
 
-// gelu and erf over n values, for tests.
+// gelu over n values in place, for tests.
 void nse_gelu(float* x, int n) { gelu_row(x, n); }
 
 }  // extern "C"

@@ -2,8 +2,8 @@
 
 Compiled with torch.compile, an Int8Dynamic encoder spends about half its time outside the int8 GEMMs: softmax,
 GELU, layer norms, activation quantization and the framework's own overhead, op by op. encode.cpp runs the same
-arithmetic (per-token int8 activations x per-channel int8 weights, int32 sums, float32 everything else, with
-float32 attention) with those steps fused into the GEMMs' epilogues, on a pool of threads that meets once per
+arithmetic (per-token int8 activations x per-channel int8 weights, int32 sums, float32 elsewhere except the
+attention's BF16 value products) with those steps fused around the GEMMs, on an OpenMP team that meets once per
 layer. `use_native_encoders(model)` routes a quantized model's BERT-style encoders through it; the modules, the
 state dict, saving and export stay those of the ordinary quantized model.
 """
@@ -57,7 +57,7 @@ def load_library() -> ctypes.CDLL:
 
 
 def native_available() -> bool:
-    """True when this CPU has AVX-512 VNNI and the library builds."""
+    """True when this CPU has AVX-512 VNNI and BF16 and the library builds."""
     if missing_cpu_flags(CPU_FLAGS):
         return False
     try:
@@ -67,8 +67,9 @@ def native_available() -> bool:
     return True
 
 
-class PackedLinear:
-    """An int8 Linear in encode.cpp's layout: panels of 48 output columns, each byte code + 128, 4 inputs per lane."""
+class PanelLinear:
+    """An int8 Linear in encode.cpp's layout: panels of 48 output columns, each byte code + 128, 4 inputs per lane
+    (padded with code 0 to whole panels and a multiple of 4 inputs)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         n, k = codes.shape
@@ -166,11 +167,11 @@ class NativeEncoder:
                 qkv_bias = torch.cat([m.bias if m.bias is not None else torch.zeros(inner) for m in (q, k, v)])
             self.parts.append({
                 "linears": [
-                    PackedLinear(torch.cat([q.weight_int8, k.weight_int8, v.weight_int8]),
+                    PanelLinear(torch.cat([q.weight_int8, k.weight_int8, v.weight_int8]),
                                  torch.cat([q.weight_scale, k.weight_scale, v.weight_scale]), qkv_bias),
-                    PackedLinear(o.weight_int8, o.weight_scale, o.bias),
-                    PackedLinear(up.weight_int8, up.weight_scale, up.bias),
-                    PackedLinear(down.weight_int8, down.weight_scale, down.bias),
+                    PanelLinear(o.weight_int8, o.weight_scale, o.bias),
+                    PanelLinear(up.weight_int8, up.weight_scale, up.bias),
+                    PanelLinear(down.weight_int8, down.weight_scale, down.bias),
                 ],
                 "norms": [t.detach().float().contiguous() for t in (ln1.weight, ln1.bias, ln2.weight, ln2.bias)],
             })
