@@ -293,7 +293,13 @@ def cnn_section(args: argparse.Namespace) -> str:
                          [[r.name, f"{r.stats.median_ms:.3f}", f"{r.speedup:.2f}x"] for r in rows]))
         if batch == 32:
             speed = {r.name: r.speedup for r in rows}
-    ort_speed = onnxruntime_rows(variants, ["original", "netshrink cut + distilled", "Torch-Pruning"], entry, args, out)
+    runtime_ms: dict = {}
+    timed = ["original", "netshrink cut + distilled", "Torch-Pruning"]
+    ort_speed = onnxruntime_rows(variants, timed, entry, args, out, runtime_ms)
+    from netshrink.native.cnn import native_available
+
+    if native_available():
+        native_rows(variants, timed, entry, args, runtime_ms)
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in variants.items()}
     out.append("\nquality and cost:\n")
     out.append(table(["variant", "accuracy", "params", "MFLOPs (b32)", "FLOP reduction", "speedup b32",
@@ -311,11 +317,15 @@ def cnn_section(args: argparse.Namespace) -> str:
                       + [f"{ort_speed[(m, 1)][n]:.2f}x / {ort_speed[(m, 32)][n]:.2f}x" for m, _ in modes]
                       + [" / ".join("yes" if min(ort_speed[(m, 1)][n], ort_speed[(m, 32)][n]) >= 0.8 * red[n] else "no"
                                     for m, _ in modes)] for n in red]))
+    if any(r == "NativeCNN" for r, *_ in runtime_ms):
+        out.append("\nonnxruntime and netshrink's NativeCNN (`netshrink.native.cnn`: the whole forward in one native "
+                   "call, an OpenMP team splitting each layer at batch 1), same timing protocol; latency in ms:\n")
+        out.append(runtime_table(runtime_ms, timed, red, args.threads))
     return "\n".join(out)
 
 
 def onnxruntime_rows(variants: dict[str, nn.Module], names: list[str], entry, args: argparse.Namespace,
-                     out: list[str]) -> dict[tuple[str, int], dict[str, float]]:
+                     out: list[str], medians: dict | None = None) -> dict[tuple[str, int], dict[str, float]]:
     """Export each named variant to ONNX (FP32) and time it in onnxruntime at batch 1 and 32.
 
     A 0.1 ms CNN forward in eager PyTorch is mostly per-op dispatch; onnxruntime's lower per-op cost is how such a
@@ -357,6 +367,8 @@ def onnxruntime_rows(variants: dict[str, nn.Module], names: list[str], entry, ar
                     times[(name, threads)].append(time.perf_counter() - start)
                 del run, sess
         median = {key: statistics.median(ts) * 1e3 for key, ts in times.items()}
+        if medians is not None:
+            medians.update({("onnxruntime", n, t, batch): ms for (n, t), ms in median.items()})
         best = {n: min(counts, key=lambda t: median[(n, t)]) for n in names}
         base_same, base_best = median[(names[0], counts[-1])], median[(names[0], best[names[0]])]
         out.append(f"\nonnxruntime latency (IO binding), batch {batch}:\n")
@@ -369,6 +381,51 @@ def onnxruntime_rows(variants: dict[str, nn.Module], names: list[str], entry, ar
         speed[("same", batch)] = {n: base_same / median[(n, counts[-1])] for n in names}
         speed[("one", batch)] = {n: median[(names[0], 1)] / median[(n, 1)] for n in names}
     return speed
+
+
+def native_rows(variants: dict[str, nn.Module], names: list[str], entry, args: argparse.Namespace,
+                medians: dict) -> None:
+    """Time each named variant through netshrink's NativeCNN (the whole forward in one native call) at batch 1 and
+    32, 1 and `--threads` threads, with the same protocol as `onnxruntime_rows`: blocks of 50 calls per (model,
+    threads), the only runtime alive, in a rotating order over `--rounds` rounds. Fills `medians` (ms)."""
+    from netshrink.native.cnn import NativeCNN
+
+    counts = sorted({1, args.threads or torch.get_num_threads()})
+    for batch in (1, 32):
+        x = entry.example_inputs(batch=batch)[0]
+        keys = [(name, threads) for name in names for threads in counts]
+        times: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
+        for round_index in range(args.rounds):
+            shift = round_index % len(keys)
+            for name, threads in keys[shift:] + keys[:shift]:
+                native = NativeCNN(variants[name], entry.input_shape, threads=threads)
+                for _ in range(3):
+                    native(x)
+                for _ in range(50):
+                    start = time.perf_counter()
+                    native(x)
+                    times[(name, threads)].append(time.perf_counter() - start)
+                del native
+        medians.update({("NativeCNN", n, t, batch): statistics.median(ts) * 1e3 for (n, t), ts in times.items()})
+
+
+def runtime_table(medians: dict, names: list[str], flop_red: dict[str, float], threads: int) -> str:
+    """Latency per (runtime, threads) and the speedups against the original: in each runtime at `threads`, and each
+    model at its fastest runtime and thread count against the original at its fastest."""
+    runtimes = sorted({r for r, *_ in medians})
+    rows = []
+    for batch in (1, 32):
+        best = {n: min((ms, r, t) for (r, m, t, b), ms in medians.items() if m == n and b == batch) for n in names}
+        for n in names:
+            cells = [f"{medians[(r, n, t, batch)]:.4f}" for r in runtimes for t in sorted({1, threads})]
+            same = [f"{medians[(r, names[0], threads, batch)] / medians[(r, n, threads, batch)]:.2f}x" for r in runtimes]
+            fastest = best[names[0]][0] / best[n][0]
+            rows.append([str(batch), n, f"{flop_red[n]:.2f}x"] + cells + same
+                        + [f"{fastest:.2f}x ({best[n][1]}, {best[n][2]} thr.)",
+                           "yes" if fastest >= 0.8 * flop_red[n] else "no"])
+    head = ["batch", "variant", "FLOP reduction"] + [f"{r} {t} thr. ms" for r in runtimes for t in sorted({1, threads})] \
+        + [f"speedup {r} {threads} thr." for r in runtimes] + ["speedup, each at its fastest", ">= 0.8 x FLOP red."]
+    return table(head, rows)
 
 
 def main() -> None:
