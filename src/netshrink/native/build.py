@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from netshrink.errors import NetshrinkError
 
@@ -82,3 +83,14 @@ def build(source: Path, where: str, fallback: str, extra_flags: tuple[str, ...] 
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return ctypes.CDLL(str(target))
+
+
+def available(load: Callable[[], ctypes.CDLL], extra_cpu_flags: tuple[str, ...] = ()) -> bool:
+    """Whether this CPU has the features and `load` (a kernel's cached build-and-load) succeeds."""
+    if missing_cpu_flags(extra_cpu_flags):
+        return False
+    try:
+        load()
+    except NetshrinkError:
+        return False
+    return True

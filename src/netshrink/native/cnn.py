@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netshrink.errors import NetshrinkError
-from netshrink.native.build import build, missing_cpu_flags
+from netshrink.native.build import available, build
 
 SOURCE = Path(__file__).with_name("cnn.cpp")
 
@@ -47,13 +47,7 @@ def load_library() -> ctypes.CDLL:
 
 def native_available() -> bool:
     """True when this CPU has AVX-512 and the library builds."""
-    if missing_cpu_flags():
-        return False
-    try:
-        load_library()
-    except NetshrinkError:
-        return False
-    return True
+    return available(load_library)
 
 
 def _pad16(t: torch.Tensor, dim: int) -> torch.Tensor:

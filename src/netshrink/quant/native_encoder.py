@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from netshrink.errors import NetshrinkError
-from netshrink.native.build import build, missing_cpu_flags
+from netshrink.native.build import available, build
 from netshrink.quant.ffn import is_exact_gelu
 from netshrink.quant.modules import Int8Linear
 
@@ -58,13 +58,7 @@ def load_library() -> ctypes.CDLL:
 
 def native_available() -> bool:
     """True when this CPU has AVX-512 VNNI and BF16 and the library builds."""
-    if missing_cpu_flags(CPU_FLAGS):
-        return False
-    try:
-        load_library()
-    except NetshrinkError:
-        return False
-    return True
+    return available(load_library, CPU_FLAGS)
 
 
 class PanelLinear:
