@@ -299,3 +299,14 @@ def test_a_saved_checkpoint_loads_back_onto_the_native_runtime(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids, attention_mask=mask).last_hidden_state,
                            native(ids, attention_mask=mask).last_hidden_state)
+
+
+@needs_native
+def test_with_gradients_enabled_it_warns_and_runs_the_eager_layers():
+    model = _tiny_bert()
+    native = quantize_(model, Int8Dynamic(backend="native"))
+    eager = quantize_(model, Int8Dynamic(backend="eager"))
+    ids, mask = _inputs(2, 6)
+    with pytest.warns(UserWarning, match="runs without autograd"):
+        got = native(ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(got, eager(ids, attention_mask=mask).last_hidden_state)

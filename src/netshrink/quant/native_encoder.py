@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -277,6 +278,12 @@ def _recordable_outputs(model: nn.Module) -> dict:
     return _CAN_RECORD_REGISTRY.get(model)
 
 
+def _warn_gradients() -> None:
+    warnings.warn("the native int8 encoder runs without autograd: with gradients enabled this model runs its eager "
+                  "int8 layers instead (several times slower); call it under torch.no_grad() or "
+                  "torch.inference_mode() for speed", stacklevel=4)
+
+
 def _tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
@@ -292,7 +299,10 @@ def native_encoder_forward(self: nn.Module, hidden_states: torch.Tensor, attenti
         "cache", "past_key_values"))
     plain = plain and not _tracing() and not _capturing_outputs()
     keep = keys_kept(attention_mask, hidden_states.shape[0], hidden_states.shape[1]) if plain else None
-    if keep is None or (torch.is_grad_enabled() and hidden_states.requires_grad):
+    if keep is not None and torch.is_grad_enabled() and hidden_states.requires_grad:
+        _warn_gradients()
+        keep = None
+    if keep is None:
         return type(self).__bases__[0].forward(self, hidden_states, attention_mask, *args, **kwargs)
     out = self._netshrink_native(hidden_states, keep).to(hidden_states.dtype)
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
@@ -312,7 +322,10 @@ def native_model_forward(self: nn.Module, input_ids: torch.Tensor | None = None,
         and kwargs.get("return_dict", True) is not False \
         and not any(kwargs.get(key) is not None and kwargs.get(key) is not False for key in kwargs
                     if key != "return_dict")
-    if not plain or torch.is_grad_enabled() and any(p.requires_grad for p in self.embeddings.parameters()):
+    if plain and torch.is_grad_enabled() and any(p.requires_grad for p in self.embeddings.parameters()):
+        _warn_gradients()
+        plain = False
+    if not plain:
         return type(self).__bases__[0].forward(self, input_ids, attention_mask, token_type_ids, position_ids, *args,
                                                **kwargs)
     hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
