@@ -24,6 +24,7 @@ class HardwareInfo:
     torch_cpu_capability: str = "unknown"
     cuda_name: str | None = None
     cuda_capability: tuple[int, int] | None = None
+    native_kernels: bool = False  # AVX-512 VNNI and a C++ compiler: netshrink's native decoder, CNN and encoder run
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -64,6 +65,12 @@ class HardwareInfo:
             f"  fast INT8 GEMM: {yes(self.fast_cpu_int8)}; fast BF16: {yes(self.fast_cpu_bf16)}; "
             "fast FP16: no (no FP16 arithmetic units on x86 CPUs before AVX512-FP16)",
         ]
+        if self.native_kernels:
+            out.append("  netshrink native kernels (C++, compiled on first use): INT4/INT8 decoder yes, CNN yes, "
+                       f"INT8 encoder {yes(self.avx512_bf16)} (needs AVX-512 BF16)")
+        else:
+            out.append("  netshrink native kernels: no (they need AVX-512 VNNI and a C++ compiler); torch's kernels "
+                       "run instead")
         if self.cuda_capability is None:
             out.append("GPU: none (no 2:4 sparse or INT8 tensor-core speedups on this machine)")
         else:
@@ -111,4 +118,12 @@ def detect() -> HardwareInfo:
         torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
         cuda_name=cuda_name,
         cuda_capability=cuda_cap,
+        native_kernels=_native_kernels(),
     )
+
+
+def _native_kernels() -> bool:
+    """Whether netshrink's C++ kernels can be built and run here (CPU features and a compiler; nothing compiled)."""
+    from netshrink.native.build import compiler, missing_cpu_flags
+
+    return not missing_cpu_flags() and compiler() is not None

@@ -18,4 +18,8 @@ def test_detect_reads_this_machine():
     assert hw.vnni == ("avx512_vnni" in flags or "avx_vnni" in flags)
     assert hw.avx512 == ("avx512f" in flags)
     assert any("VNNI" in line for line in hw.lines())
-    assert set(hw.to_dict()) >= {"vnni", "sparse_2_4", "int8_tensor_cores"}
+    assert set(hw.to_dict()) >= {"vnni", "sparse_2_4", "int8_tensor_cores", "native_kernels"}
+    from netshrink.native.build import compiler, missing_cpu_flags
+
+    assert hw.native_kernels == (not missing_cpu_flags() and compiler() is not None)
+    assert any("native kernels" in line for line in hw.lines())
