@@ -84,3 +84,12 @@ def test_the_model_is_left_unchanged_and_bad_input_is_named():
 def test_what_cannot_run_natively_is_refused_by_name(model, match):
     with pytest.raises(NetshrinkError, match=match):
         NativeCNN(model.eval(), (1, 28, 28))
+
+
+def test_a_missing_kernel_source_is_named(tmp_path):
+    from pathlib import Path
+
+    from netshrink.native.build import build
+
+    with pytest.raises(NetshrinkError, match="missing.cpp is missing"):
+        build(Path(tmp_path) / "missing.cpp", where="test", fallback="nothing")

@@ -54,6 +54,9 @@ def build(source: Path, where: str, fallback: str, extra_flags: tuple[str, ...] 
           extra_cpu_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build `source` (if its cached library is missing) and load it; errors name `where` and suggest `fallback`.
     `extra_flags` go to the compiler; `extra_cpu_flags` are CPU features needed beyond REQUIRED_CPU_FLAGS."""
+    if not source.is_file():
+        raise NetshrinkError(f"kernel source {source.name} is missing from the installed package", where=str(source),
+                             hint=f"reinstall netshrink, or use {fallback}")
     missing = missing_cpu_flags(extra_cpu_flags)
     if missing:
         raise NetshrinkError(f"this CPU lacks {', '.join(missing)}", where=where, hint=f"use {fallback} on this machine")
