@@ -1,6 +1,8 @@
 """Which compressions `netshrink demo` shows for each model kind: the best netshrink has on this machine."""
 from __future__ import annotations
 
+import weakref
+
 from netshrink.demo import Variant
 from netshrink.zoo import ZooModel
 
@@ -38,19 +40,48 @@ def _int8_static_cnn(entry: ZooModel):
     return quantize_(entry.model, Int8Static(observer="percentile"), calibration=[x[i : i + 128] for i in range(0, 512, 128)])
 
 
-def _pruned_int8_cnn(entry: ZooModel):
-    """Half the conv filters and FC neurons physically removed, fine-tuned on the digits train split, then INT8."""
+_PRUNED_CNN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # entry model -> its pruned, fine-tuned copy
+
+
+def _pruned_cnn(entry: ZooModel):
+    """Half the conv filters and FC neurons physically removed, fine-tuned on the digits train split (built once
+    per model and shared by the variants below, which copy it)."""
+    import copy
+
     from netshrink.data import digits
-    from netshrink.quant import Int8Static, quantize_
     from netshrink.sparsity import structured_prune
     from netshrink.sparsity.finetune import FineTune, finetune
 
-    x, y = digits("train")
-    pruned = structured_prune(entry.model, 0.5, example_inputs=(x[:8],))
-    finetune(pruned, [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(y), 64)], FineTune(steps=300, lr=1e-3))
-    pruned.eval()
+    if entry.model not in _PRUNED_CNN:
+        x, y = digits("train")
+        pruned = structured_prune(entry.model, 0.5, example_inputs=(x[:8],))
+        finetune(pruned, [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(y), 64)], FineTune(steps=300, lr=1e-3))
+        _PRUNED_CNN[entry.model] = pruned.eval()
+    return copy.deepcopy(_PRUNED_CNN[entry.model])
+
+
+def _pruned_int8_cnn(entry: ZooModel):
+    """The pruned, fine-tuned CNN, then INT8."""
+    from netshrink.data import digits
+    from netshrink.quant import Int8Static, quantize_
+
+    x, _ = digits("train")
     calibration = [x[i : i + 128] for i in range(0, 512, 128)]
-    return quantize_(pruned, Int8Static(observer="percentile"), calibration=calibration)
+    return quantize_(_pruned_cnn(entry), Int8Static(observer="percentile"), calibration=calibration)
+
+
+def _pruned_native_cnn(entry: ZooModel):
+    """The pruned, fine-tuned CNN in FP32, run by netshrink's NativeCNN where this machine can (else as it is)."""
+    from netshrink.errors import NetshrinkError
+    from netshrink.native.cnn import NativeCNNModule, native_available
+
+    pruned = _pruned_cnn(entry)
+    if not native_available() or entry.input_shape is None:
+        return pruned
+    try:
+        return NativeCNNModule(pruned, entry.input_shape)
+    except NetshrinkError:  # a layer NativeCNN does not run: the pruned model as it is
+        return pruned
 
 
 def _pruned_int8_encoder(entry: ZooModel):
@@ -83,7 +114,8 @@ def variants_for_kind(kind: str) -> list[Variant]:
     if kind == "cnn":
         return [Variant("BF16", _bf16, "weights and activations bfloat16 (AVX-512 BF16)"),
                 Variant("INT8 static", _int8_static_cnn, "W8A8, per-channel weights, percentile-calibrated activations on digits train split"),
-                Variant("pruned 50% + INT8", _pruned_int8_cnn, "half the filters/neurons removed, fine-tuned on digits train, then W8A8")]
+                Variant("pruned 50% + INT8", _pruned_int8_cnn, "half the filters/neurons removed, fine-tuned on digits train, then W8A8"),
+                Variant("pruned 50%, native", _pruned_native_cnn, "the same pruned, fine-tuned model in FP32, run by netshrink's NativeCNN (the whole forward in one C++ call)")]
     if kind == "encoder":
         return [Variant("BF16", _bf16, "bfloat16 weights and activations, compiled"),
                 Variant("INT8 dynamic", _int8_dynamic, "INT8 weights per channel, activations per token at run time, integer GEMMs"),

@@ -104,3 +104,29 @@ def test_encoder_variants_quantize_to_int8_dynamic(monkeypatch):
     q = demo_variants._pruned_int8_encoder(entry)
     assert seen == {"ratio": 0.25, "head_ratio": 0.25, "batch": (16, 8)}
     assert isinstance(q.ffn, Int8Linear) and q.ffn.mode == "dynamic" and type(pruned.ffn) is nn.Linear
+
+
+def test_cnn_native_variant_runs_the_pruned_model_natively(monkeypatch):
+    import netshrink.sparsity
+    import netshrink.sparsity.finetune
+    from netshrink.native.cnn import NativeCNNModule, native_available
+
+    torch.manual_seed(2)
+    small = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 14 * 14, 10)).eval()
+    calls = []
+    monkeypatch.setattr(netshrink.sparsity, "structured_prune", lambda model, ratio, example_inputs: small)
+    monkeypatch.setattr(netshrink.sparsity.finetune, "finetune", lambda *args: calls.append("finetune"))
+    entry = ZooModel("tiny", "cnn", _tiny_cnn(), task="digits", input_shape=(1, 28, 28))
+    native = demo_variants._pruned_native_cnn(entry)
+    int8 = demo_variants._pruned_int8_cnn(entry)                       # shares the pruned, fine-tuned model
+    assert calls == ["finetune"] and isinstance(int8[0], Int8Conv2d)
+    x, _ = digits("test", n=8)
+    with torch.no_grad():
+        want = small(x)
+        got = native(x)
+    if native_available():
+        assert isinstance(native, NativeCNNModule) and native.model is not small           # a copy
+        assert set(native.state_dict()) == {f"model.{k}" for k in small.state_dict()}
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.equal(native(x.requires_grad_()), native.model(x))     # with autograd: the module itself

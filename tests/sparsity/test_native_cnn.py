@@ -93,3 +93,32 @@ def test_a_missing_kernel_source_is_named(tmp_path):
 
     with pytest.raises(NetshrinkError, match="missing.cpp is missing"):
         build(Path(tmp_path) / "missing.cpp", where="test", fallback="nothing")
+
+
+@needs_native
+def test_the_module_wrapper_copies_and_follows_the_thread_count():
+    import copy
+
+    from netshrink.native.cnn import NativeCNNModule
+
+    torch.manual_seed(3)
+    model = Chain().eval()
+    wrapped = NativeCNNModule(model, (3, 15, 25))
+    x = torch.randn(2, 3, 15, 25)
+    want = _reference(model, x)
+    before = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                _close(wrapped(x), want)
+            assert sorted(wrapped._natives) == [1, 2]                         # one native runtime per count
+            twin = copy.deepcopy(wrapped)
+            assert twin._natives == {}                                          # the copy builds its own
+            del wrapped
+            _close(twin(x), want)
+            assert sorted(twin._natives) == [2]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(NetshrinkError, match="stride-1"):
+        NativeCNNModule(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 7 * 12, 2)), (3, 15, 25))

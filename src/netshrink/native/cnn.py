@@ -191,3 +191,31 @@ class NativeCNN:
         if handle:
             self.lib.nsc_destroy(handle)
             self._handle = None
+
+
+class NativeCNNModule(nn.Module):
+    """`model` as an nn.Module whose forward runs through NativeCNN (one per thread count, built on first use) when
+    it can: no autograd, no tracing or export, inputs of `input_shape`. Anything else runs `model` itself, so the
+    module saves, evaluates, exports and trains like `model` (its state dict is `model.*`)."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_shape = tuple(int(d) for d in input_shape)
+        NativeCNN(model, self.input_shape, threads=1)          # refuse what cannot run natively, now, by name
+        self._natives: dict[int, NativeCNN] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+        grads = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.model.parameters()))
+        if tracing or grads or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            return self.model(x)
+        threads = torch.get_num_threads()
+        if threads not in self._natives:
+            self._natives[threads] = NativeCNN(self.model, self.input_shape, threads=threads)
+        return self._natives[threads](x)
+
+    def __getstate__(self) -> dict:  # a copy (or pickle) builds its own native handles on first use
+        state = self.__dict__.copy()
+        state["_natives"] = {}
+        return state
