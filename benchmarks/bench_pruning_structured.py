@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -324,6 +325,24 @@ def cnn_section(args: argparse.Namespace) -> str:
     return "\n".join(out)
 
 
+def block_medians(keys: list[tuple[str, int]], runner, rounds: int) -> dict[tuple[str, int], float]:
+    """Median ms per (model, threads) key: `runner(name, threads)` builds a call, which gets 3 warm-up calls and 50
+    timed ones, then is dropped (so it is the only runtime alive while timed); keys in a rotating order per round."""
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
+    for round_index in range(rounds):
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            run = runner(*key)
+            for _ in range(3):
+                run()
+            for _ in range(50):
+                start = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - start)
+            del run
+    return {key: statistics.median(ts) * 1e3 for key, ts in times.items()}
+
+
 def onnxruntime_rows(variants: dict[str, nn.Module], names: list[str], entry, args: argparse.Namespace,
                      out: list[str], medians: dict | None = None) -> dict[tuple[str, int], dict[str, float]]:
     """Export each named variant to ONNX (FP32) and time it in onnxruntime at batch 1 and 32.
@@ -353,20 +372,12 @@ def onnxruntime_rows(variants: dict[str, nn.Module], names: list[str], entry, ar
     for batch in (1, 32):
         x = entry.example_inputs(batch=batch)[0].numpy()
         keys = [(name, threads) for name in names for threads in counts]
-        times: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
-        for round_index in range(args.rounds):
-            shift = round_index % len(keys)
-            for name, threads in keys[shift:] + keys[:shift]:
-                sess = session(str(paths[name]), threads=threads)      # the only session alive while it is timed
-                run = bound_runner(sess, {sess.get_inputs()[0].name: x})
-                for _ in range(3):
-                    run()
-                for _ in range(50):
-                    start = time.perf_counter()
-                    run()
-                    times[(name, threads)].append(time.perf_counter() - start)
-                del run, sess
-        median = {key: statistics.median(ts) * 1e3 for key, ts in times.items()}
+
+        def runner(name: str, threads: int):
+            sess = session(str(paths[name]), threads=threads)      # the only session alive while it is timed
+            return bound_runner(sess, {sess.get_inputs()[0].name: x})
+
+        median = block_medians(keys, runner, args.rounds)
         if medians is not None:
             medians.update({("onnxruntime", n, t, batch): ms for (n, t), ms in median.items()})
         best = {n: min(counts, key=lambda t: median[(n, t)]) for n in names}
@@ -394,19 +405,9 @@ def native_rows(variants: dict[str, nn.Module], names: list[str], entry, args: a
     for batch in (1, 32):
         x = entry.example_inputs(batch=batch)[0]
         keys = [(name, threads) for name in names for threads in counts]
-        times: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
-        for round_index in range(args.rounds):
-            shift = round_index % len(keys)
-            for name, threads in keys[shift:] + keys[:shift]:
-                native = NativeCNN(variants[name], entry.input_shape, threads=threads)
-                for _ in range(3):
-                    native(x)
-                for _ in range(50):
-                    start = time.perf_counter()
-                    native(x)
-                    times[(name, threads)].append(time.perf_counter() - start)
-                del native
-        medians.update({("NativeCNN", n, t, batch): statistics.median(ts) * 1e3 for (n, t), ts in times.items()})
+        median = block_medians(keys, lambda name, threads: partial(NativeCNN(variants[name], entry.input_shape,
+                                                                             threads=threads), x), args.rounds)
+        medians.update({("NativeCNN", n, t, batch): ms for (n, t), ms in median.items()})
 
 
 def runtime_table(medians: dict, names: list[str], flop_red: dict[str, float], threads: int) -> str:

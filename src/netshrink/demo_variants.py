@@ -40,7 +40,7 @@ def _int8_static_cnn(entry: ZooModel):
     return quantize_(entry.model, Int8Static(observer="percentile"), calibration=[x[i : i + 128] for i in range(0, 512, 128)])
 
 
-_PRUNED_CNN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # entry model -> its pruned, fine-tuned copy
+_PRUNED_CNN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # entry model -> its pruned, fine-tuned copy
 
 
 def _pruned_cnn(entry: ZooModel):

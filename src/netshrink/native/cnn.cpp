@@ -81,15 +81,10 @@ void conv_row(const Layer& L, const float* in, int y, int co0, float* out) {
   if (CV == 1)  // one channel vector: 14 positions keep 14 FMA chains going instead of 7
     for (; x + 2 * kXB <= L.w_out; x += 2 * kXB) conv_block<2 * kXB, 1>(L, in, y, x, co0, out);
   for (; x + kXB <= L.w_out; x += kXB) conv_block<kXB, CV>(L, in, y, x, co0, out);
-  switch (L.w_out - x) {
-    case 6: conv_block<6, CV>(L, in, y, x, co0, out); break;
-    case 5: conv_block<5, CV>(L, in, y, x, co0, out); break;
-    case 4: conv_block<4, CV>(L, in, y, x, co0, out); break;
-    case 3: conv_block<3, CV>(L, in, y, x, co0, out); break;
-    case 2: conv_block<2, CV>(L, in, y, x, co0, out); break;
-    case 1: conv_block<1, CV>(L, in, y, x, co0, out); break;
-    default: break;
-  }
+  static constexpr decltype(&conv_block<1, CV>) tails[kXB] = {  // the last 1-6 positions, by their count
+      nullptr, conv_block<1, CV>, conv_block<2, CV>, conv_block<3, CV>, conv_block<4, CV>, conv_block<5, CV>,
+      conv_block<6, CV>};
+  if (x < L.w_out) tails[L.w_out - x](L, in, y, x, co0, out);
 }
 
 // Where output (row r, column c, channel co) of layer L goes: into the next conv's padded input, or flat (NHWC

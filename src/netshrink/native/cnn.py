@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netshrink.errors import NetshrinkError
+from netshrink.native import tracing
 from netshrink.native.build import available, build
 
 SOURCE = Path(__file__).with_name("cnn.cpp")
@@ -202,13 +203,12 @@ class NativeCNNModule(nn.Module):
         super().__init__()
         self.model = model
         self.input_shape = tuple(int(d) for d in input_shape)
-        NativeCNN(model, self.input_shape, threads=1)          # refuse what cannot run natively, now, by name
-        self._natives: dict[int, NativeCNN] = {}
+        # built now so that what cannot run natively is refused here, by name; kept for 1-thread calls
+        self._natives: dict[int, NativeCNN] = {1: NativeCNN(model, self.input_shape, threads=1)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
         grads = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.model.parameters()))
-        if tracing or grads or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+        if tracing() or grads or x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             return self.model(x)
         threads = torch.get_num_threads()
         if threads not in self._natives:

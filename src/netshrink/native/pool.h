@@ -1,5 +1,6 @@
 // A fixed pool of threads for netshrink's native kernels: the caller plus n - 1 workers run one job per
-// generation and meet at spin barriers inside it (shared by llm/native/decode.cpp and quant/encode.cpp).
+// generation and meet at spin barriers inside it (llm/native/decode.cpp; the encoder and CNN kernels use OpenMP
+// teams instead, since torch's own OpenMP threads run between their calls).
 #pragma once
 #include <immintrin.h>
 

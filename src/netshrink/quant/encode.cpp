@@ -104,6 +104,10 @@ inline void micro_tile(const int8_t* a, int lda, const uint8_t* b, int kpad, con
   }
 }
 
+// micro_tile for the 1-7 rows left at the end of a chunk, indexed by their count.
+constexpr decltype(&micro_tile<1>) kTailTiles[kMR] = {nullptr,        micro_tile<1>, micro_tile<2>, micro_tile<3>,
+                                                      micro_tile<4>, micro_tile<5>, micro_tile<6>, micro_tile<7>};
+
 // c[m - m0][0..npad) = dequant(a[m] . W) + bias for rows [m0, m1) of one chunk (at most kMC rows: their codes stay
 // in L1 while every weight panel passes by).
 void gemm_chunk(const Linear& L, const QRows& a, int m0, int m1, float* c, int ldc) {
@@ -115,18 +119,9 @@ void gemm_chunk(const Linear& L, const QRows& a, int m0, int m1, float* c, int l
     for (; m + kMR <= m1; m += kMR)
       micro_tile<kMR>(a.q + (size_t)m * a.ld, a.ld, b, L.kpad, a.scale + m, a.comp + m, sw, bias,
                       c + (size_t)(m - m0) * ldc + p * kNR, ldc);
-    const int8_t* q = a.q + (size_t)m * a.ld;
-    float* out = c + (size_t)(m - m0) * ldc + p * kNR;
-    switch (m1 - m) {
-      case 7: micro_tile<7>(q, a.ld, b, L.kpad, a.scale + m, a.comp + m, sw, bias, out, ldc); break;
-      case 6: micro_tile<6>(q, a.ld, b, L.kpad, a.scale + m, a.comp + m, sw, bias, out, ldc); break;
-      case 5: micro_tile<5>(q, a.ld, b, L.kpad, a.scale + m, a.comp + m, sw, bias, out, ldc); break;
-      case 4: micro_tile<4>(q, a.ld, b, L.kpad, a.scale + m, a.comp + m, sw, bias, out, ldc); break;
-      case 3: micro_tile<3>(q, a.ld, b, L.kpad, a.scale + m, a.comp + m, sw, bias, out, ldc); break;
-      case 2: micro_tile<2>(q, a.ld, b, L.kpad, a.scale + m, a.comp + m, sw, bias, out, ldc); break;
-      case 1: micro_tile<1>(q, a.ld, b, L.kpad, a.scale + m, a.comp + m, sw, bias, out, ldc); break;
-      default: break;
-    }
+    if (m < m1)  // the last 1-7 rows
+      kTailTiles[m1 - m](a.q + (size_t)m * a.ld, a.ld, b, L.kpad, a.scale + m, a.comp + m, sw, bias,
+                         c + (size_t)(m - m0) * ldc + p * kNR, ldc);
   }
 }
 
@@ -342,6 +337,9 @@ void attend_rows(const float* qkv, int ldq, int row0, int rows, int q_off, float
   }
 }
 
+// attend_rows for head dimensions 16, 32, 48 and 64, indexed by head_dim / 16 - 1.
+constexpr decltype(&attend_rows<1>) kAttendRows[4] = {attend_rows<1>, attend_rows<2>, attend_rows<3>, attend_rows<4>};
+
 struct Encoder {
   int layers, hidden, head_dim;         // layers may differ in head count and intermediate size (pruned models)
   float eps, scaling;
@@ -409,47 +407,41 @@ struct Encoder {
   void attention(const Layer& L, const float* q, int b, int q0, int q1, int t) {
     Scratch& s = scratch[t];
     const int ldq = L.qkv.npad, hd = head_dim, inner = L.inner, ldc = widest(&Layer::inner);
-    {
-      s.keys.clear();
-      for (int j = 0; j < seq; ++j)
-        if (valid[(size_t)b * seq + j]) s.keys.push_back(j);
-      if (s.keys.empty())  // no key kept: every key (a fully masked row has no meaningful answer)
-        for (int j = 0; j < seq; ++j) s.keys.push_back(j);
-      const int nk = (int)s.keys.size(), nkp = round_up(nk, 16);
-      const __m512i pair_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-      const __m512i pair_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-      s.kt.resize((size_t)hd * nkp);
-      s.v.resize((size_t)(nk + 1) / 2 * hd * 2);
-      s.scores.resize((size_t)4 * nkp);
-      s.probs.resize((size_t)4 * nkp);
-      for (int h = 0; h < L.heads; ++h) {
-        for (int j0 = 0; j0 < nk; j0 += 16) {  // keys transposed by 16 x 16 blocks in registers
-          for (int d0 = 0; d0 < hd; d0 += 16) {
-            __m512 r[16];
-            for (int j = 0; j < 16; ++j)
-              r[j] = j0 + j < nk ? _mm512_loadu_ps(q + ((size_t)b * seq + s.keys[j0 + j]) * ldq + inner + h * hd + d0)
-                                 : _mm512_setzero_ps();
-            transpose16(r);
-            for (int d = 0; d < 16; ++d) _mm512_storeu_ps(s.kt.data() + (size_t)(d0 + d) * nkp + j0, r[d]);
-          }
-        }
-        for (int j = 0; j < nk; j += 2) {  // values as bfloat16 pairs of consecutive keys: [j / 2][d][2]
-          const float* v0 = q + ((size_t)b * seq + s.keys[j]) * ldq + 2 * inner + h * hd;
-          const float* v1 = j + 1 < nk ? q + ((size_t)b * seq + s.keys[j + 1]) * ldq + 2 * inner + h * hd : nullptr;
-          for (int d0 = 0; d0 < hd; d0 += 16) {
-            const __m512 a = _mm512_loadu_ps(v0 + d0), c = v1 ? _mm512_loadu_ps(v1 + d0) : _mm512_setzero_ps();
-            const __m512 lo = _mm512_permutex2var_ps(a, pair_lo, c), hi = _mm512_permutex2var_ps(a, pair_hi, c);
-            _mm512_storeu_si512(s.v.data() + ((size_t)(j / 2) * hd + d0) * 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-          }
-        }
-        const int off = h * hd;
-        switch (hd / 16) {
-          case 1: attend_rows<1>(q, ldq, q0, q1 - q0, off, scaling, s.kt.data(), s.v.data(), nk, nkp, s.scores.data(), s.probs.data(), ctx.data(), ldc, off); break;
-          case 2: attend_rows<2>(q, ldq, q0, q1 - q0, off, scaling, s.kt.data(), s.v.data(), nk, nkp, s.scores.data(), s.probs.data(), ctx.data(), ldc, off); break;
-          case 3: attend_rows<3>(q, ldq, q0, q1 - q0, off, scaling, s.kt.data(), s.v.data(), nk, nkp, s.scores.data(), s.probs.data(), ctx.data(), ldc, off); break;
-          default: attend_rows<4>(q, ldq, q0, q1 - q0, off, scaling, s.kt.data(), s.v.data(), nk, nkp, s.scores.data(), s.probs.data(), ctx.data(), ldc, off); break;
+    s.keys.clear();
+    for (int j = 0; j < seq; ++j)
+      if (valid[(size_t)b * seq + j]) s.keys.push_back(j);
+    if (s.keys.empty())  // no key kept: every key (a fully masked row has no meaningful answer)
+      for (int j = 0; j < seq; ++j) s.keys.push_back(j);
+    const int nk = (int)s.keys.size(), nkp = round_up(nk, 16);
+    const __m512i pair_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i pair_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    s.kt.resize((size_t)hd * nkp);
+    s.v.resize((size_t)(nk + 1) / 2 * hd * 2);
+    s.scores.resize((size_t)4 * nkp);
+    s.probs.resize((size_t)4 * nkp);
+    for (int h = 0; h < L.heads; ++h) {
+      for (int j0 = 0; j0 < nk; j0 += 16) {  // keys transposed by 16 x 16 blocks in registers
+        for (int d0 = 0; d0 < hd; d0 += 16) {
+          __m512 r[16];
+          for (int j = 0; j < 16; ++j)
+            r[j] = j0 + j < nk ? _mm512_loadu_ps(q + ((size_t)b * seq + s.keys[j0 + j]) * ldq + inner + h * hd + d0)
+                               : _mm512_setzero_ps();
+          transpose16(r);
+          for (int d = 0; d < 16; ++d) _mm512_storeu_ps(s.kt.data() + (size_t)(d0 + d) * nkp + j0, r[d]);
         }
       }
+      for (int j = 0; j < nk; j += 2) {  // values as bfloat16 pairs of consecutive keys: [j / 2][d][2]
+        const float* v0 = q + ((size_t)b * seq + s.keys[j]) * ldq + 2 * inner + h * hd;
+        const float* v1 = j + 1 < nk ? q + ((size_t)b * seq + s.keys[j + 1]) * ldq + 2 * inner + h * hd : nullptr;
+        for (int d0 = 0; d0 < hd; d0 += 16) {
+          const __m512 a = _mm512_loadu_ps(v0 + d0), c = v1 ? _mm512_loadu_ps(v1 + d0) : _mm512_setzero_ps();
+          const __m512 lo = _mm512_permutex2var_ps(a, pair_lo, c), hi = _mm512_permutex2var_ps(a, pair_hi, c);
+          _mm512_storeu_si512(s.v.data() + ((size_t)(j / 2) * hd + d0) * 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+      }
+      const int off = h * hd;
+      kAttendRows[hd / 16 - 1](q, ldq, q0, q1 - q0, off, scaling, s.kt.data(), s.v.data(), nk, nkp, s.scores.data(),
+                               s.probs.data(), ctx.data(), ldc, off);
     }
     const QRows ah = rows_h();
     for (int m = q0; m < q1; ++m) quantize_row(ctx.data() + (size_t)m * ldc, inner, ah, m);

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from netshrink.errors import NetshrinkError
+from netshrink.native import tracing
 from netshrink.native.build import available, build
 from netshrink.quant.ffn import is_exact_gelu
 from netshrink.quant.modules import Int8Linear
@@ -30,9 +31,8 @@ CPU_FLAGS = ("avx512_bf16",)  # beyond AVX-512 VNNI: the attention's value produ
 
 @lru_cache(maxsize=1)
 def load_library() -> ctypes.CDLL:
-    """Build (if needed) and load the encoder library, with its C signatures declared."""
-    import torch  # noqa: F401  (loads torch's libgomp first, so the library below joins that OpenMP runtime)
-
+    """Build (if needed) and load the encoder library, with its C signatures declared. torch, imported above, has
+    loaded its libgomp already, so the library's OpenMP calls join that runtime."""
     lib = build(SOURCE, where="native encoder", fallback='Int8Dynamic(backend="compile")',
                 extra_flags=("-fopenmp", "-mavx512bf16"), extra_cpu_flags=CPU_FLAGS)
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -246,7 +246,7 @@ def keys_kept(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torc
         return torch.ones(batch, seq, dtype=torch.bool)
     m = attention_mask
     if m.ndim == 2:
-        return m.bool() if m.dtype != torch.bool else m
+        return m.bool()
     if m.ndim != 4 or m.shape[1] != 1 or m.shape[-1] != seq:
         return None
     if m.shape[2] != 1 and not bool((m == m[:, :, :1]).all()):
@@ -284,10 +284,6 @@ def _warn_gradients() -> None:
                   "torch.inference_mode() for speed", stacklevel=4)
 
 
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-
-
 def native_encoder_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                            *args, **kwargs):
     """A BERT encoder's forward through its NativeEncoder; anything it cannot do (cross-attention, cache, attention
@@ -297,7 +293,7 @@ def native_encoder_forward(self: nn.Module, hidden_states: torch.Tensor, attenti
     plain = not args and not any(kwargs.get(key) for key in (
         "encoder_hidden_states", "encoder_attention_mask", "output_attentions", "output_hidden_states", "use_cache",
         "cache", "past_key_values"))
-    plain = plain and not _tracing() and not _capturing_outputs()
+    plain = plain and not tracing() and not _capturing_outputs()
     keep = keys_kept(attention_mask, hidden_states.shape[0], hidden_states.shape[1]) if plain else None
     if keep is not None and torch.is_grad_enabled() and hidden_states.requires_grad:
         _warn_gradients()
@@ -316,12 +312,11 @@ def native_model_forward(self: nn.Module, input_ids: torch.Tensor | None = None,
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
     config = getattr(self, "config", None)
-    plain = input_ids is not None and input_ids.ndim == 2 and not args and not _tracing() \
+    plain = input_ids is not None and input_ids.ndim == 2 and not args and not tracing() \
         and not getattr(config, "output_hidden_states", False) and not getattr(config, "output_attentions", False) \
         and (attention_mask is None or attention_mask.shape == input_ids.shape) \
         and kwargs.get("return_dict", True) is not False \
-        and not any(kwargs.get(key) is not None and kwargs.get(key) is not False for key in kwargs
-                    if key != "return_dict")
+        and not any(value is not None and value is not False for key, value in kwargs.items() if key != "return_dict")
     if plain and torch.is_grad_enabled() and any(p.requires_grad for p in self.embeddings.parameters()):
         _warn_gradients()
         plain = False
