@@ -61,6 +61,75 @@ def test_odd_shapes_padding_and_the_nchw_flatten_order():
         _close(NativeCNN(model, (3, 15, 25), threads=threads)(x), want)
 
 
+def _flat(c: int, h: int, w: int) -> int:
+    return c * h * w
+
+
+@needs_native
+@pytest.mark.parametrize("name,model,shape", [
+    # three convs, the last one not pooled, a two-Linear head (band, middle conv, split-K, head on thread 0)
+    ("chain", Chain(), (3, 15, 25)),
+    # two pooled convs: the band computes both, then split-K; one input channel and odd pooled widths (tails)
+    ("two convs", nn.Sequential(nn.Conv2d(1, 20, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                nn.Conv2d(20, 70, 3, padding=1), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
+                                nn.Linear(_flat(70, 4, 6), 40)), (1, 17, 27)),
+    # one conv straight into the Linears; the Linears after the first are too big for one thread (barriers)
+    ("one conv, big head", nn.Sequential(nn.Conv2d(2, 33, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                         nn.Linear(_flat(33, 5, 6), 300), nn.ReLU(), nn.Linear(300, 250),
+                                         nn.ReLU(), nn.Linear(250, 7)), (2, 11, 13)),
+    # four convs, no pooling: several middle convs, each split between the threads
+    ("four convs", nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 48, 3), nn.Conv2d(48, 64, 3, padding=1),
+                                 nn.ReLU(), nn.Conv2d(64, 5, 1), nn.Flatten(), nn.Linear(_flat(5, 5, 4), 3)), (3, 9, 8)),
+    # no convs at all: Linears split by output vectors
+    ("linears only", nn.Sequential(nn.Flatten(), nn.Linear(60, 90), nn.ReLU(), nn.Linear(90, 17)), (1, 6, 10)),
+])
+def test_one_sample_split_between_threads_matches_float64(name, model, shape):
+    """Batch 1 on 2-4 threads takes the split schedule (bands with halos, split-K, a head on one thread); more
+    samples than threads take whole samples per thread. Both against float64, and 1 thread as well."""
+    torch.manual_seed(7)
+    model = model.eval()
+    x = torch.randn(5, *shape)
+    want = _reference(model, x)
+    for threads in (1, 2, 3, 4):
+        native = NativeCNN(model, shape, threads=threads)
+        for batch in (1, 3, 5):
+            _close(native(x[:batch]), want[:batch])
+        _close(native(x[2:3]), want[2:3])                                       # any sample, same buffers
+
+
+@needs_native
+def test_ctypes_and_the_fast_call_path_agree_and_concurrent_callers_are_serialised(monkeypatch):
+    import threading
+
+    import netshrink.native.cnn as native_cnn
+
+    torch.manual_seed(5)
+    model = Chain().eval()
+    x = torch.randn(8, 3, 15, 25)
+    want = _reference(model, x)
+    fast = NativeCNN(model, (3, 15, 25), threads=2)
+    monkeypatch.setattr(native_cnn, "fast_call", lambda: None)               # as on a machine without Python.h
+    slow = NativeCNN(model, (3, 15, 25), threads=2)
+    assert fast._forward is not slow._forward
+    assert torch.equal(fast(x[:1]), slow(x[:1])) and torch.equal(fast(x), slow(x))
+    assert fast(x[:0]).shape == (0, 21)
+    errors: list = []
+
+    def hammer(i: int) -> None:
+        for _ in range(200):
+            got = fast(x[i: i + 1])
+            if not torch.allclose(got.double(), want[i: i + 1], rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+                errors.append(i)
+                return
+
+    workers = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+
+
 @needs_native
 def test_the_model_is_left_unchanged_and_bad_input_is_named():
     torch.manual_seed(1)
@@ -122,3 +191,15 @@ def test_the_module_wrapper_copies_and_follows_the_thread_count():
         torch.set_num_threads(before)
     with pytest.raises(NetshrinkError, match="stride-1"):
         NativeCNNModule(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 7 * 12, 2)), (3, 15, 25))
+
+
+def test_an_extension_without_python_headers_is_refused_by_name(tmp_path, monkeypatch):
+    import sysconfig
+    from pathlib import Path
+
+    from netshrink.native import build as native_build
+
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    source = Path(native_build.__file__).with_name("call.cpp")
+    with pytest.raises(NetshrinkError, match="Python's headers are not installed"):
+        native_build.build_extension(source, "_netshrink_native_call", where="test", fallback="ctypes")
