@@ -31,17 +31,35 @@ def _reset_peak() -> bool:
         return False
 
 
+def trim_heap() -> None:
+    """Hand the pages glibc holds free back to the OS (`malloc_trim`; a no-op elsewhere).
+
+    After freeing a large block glibc raises its mmap threshold to that size, so the next temporaries up to it come
+    from the heap, and freed heap pages stay resident: a loop that frees and reallocates a few MiB at a time keeps
+    its high-water mark in RSS. Trimming between phases keeps RSS at what is live."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def release_free_memory() -> None:
     """Collect garbage and hand glibc's freed pages back to the OS, so growth is measured from a settled baseline
     (otherwise memory freed by earlier work is reused silently and a later peak looks like zero growth)."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 def peak_rss_during(fn: Callable[[], T], poll_s: float = 0.005) -> tuple[T, dict[str, float]]:

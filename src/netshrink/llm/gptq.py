@@ -126,13 +126,28 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQ, where: str = "
     box = [H]                       # handed over below: inverse_hessian_cholesky holds the only reference
     del H
     Hinv, damp = inverse_hessian_cholesky(box.pop(), config.damp, config.damp_retries, where)
-    codes = torch.zeros(out_f, cols, dtype=torch.uint8)
-    losses = torch.zeros(out_f)
+    codes, losses = gptq_columns(W, lambda i1, i2, c0, c1: Hinv[i1:i2, c0:c1], perm, pruned, scales, zeros,
+                                 config)
+    qw = assemble(codes[:, invperm], scales, zeros, bits, gs)
+    return qw, {"loss": float(losses.sum()), "damp": damp}
+
+
+def gptq_columns(W: torch.Tensor, upper, perm: torch.Tensor, pruned: torch.Tensor, scales: list, zeros: list,
+                 config: GPTQ, update_columns: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop on rows W [rows, cols] (columns in `perm` order; W is updated in place): codes (in
+    `perm` order) and per-row losses. `upper(i1, i2, c0, c1)` gives U[i1:i2, c0:c1], a block of the upper Cholesky
+    factor U of H^-1 (the lazy update past each block of columns asks for it `update_columns` at a time, so a packed
+    U is never unpacked more than that). Rows are independent given U, so a weight may go through in row slabs with
+    the same U (`scales`, `zeros`: per-group row parameters of these rows; None = computed here)."""
+    rows, cols = W.shape
+    bits, sym, gs = config.bits, config.symmetric, config.group_size
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    losses = torch.zeros(rows)
     for i1 in range(0, cols, config.block_size):
         i2 = min(i1 + config.block_size, cols)
+        Hinv1 = upper(i1, i2, i1, i2)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             g = int(perm[col]) // gs if gs else 0
@@ -150,9 +165,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQ, where: str = "
             err = (w - wq) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    qw = assemble(codes[:, invperm], scales, zeros, bits, gs)
-    return qw, {"loss": float(losses.sum()), "damp": damp}
+        for c0 in range(i2, cols, update_columns):
+            c1 = min(c0 + update_columns, cols)
+            W[:, c0:c1] -= Err1 @ upper(i1, i2, c0, c1)
+    return codes, losses
 
 
 def compress_block(ctx: BlockContext, config: GPTQ) -> None:

@@ -129,9 +129,7 @@ def to_int4_kernel(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int
     kg = kernel_group(qw.group_size, in_f)
     k_pad = in_f + (-in_f) % kg
     n_pad = out_f + (-out_f) % 16
-    codes = qw.codes.to(torch.int32) + shift
     zeros = qw.zeros.float() + shift
-    codes = torch.nn.functional.pad(codes, (0, k_pad - in_f, 0, n_pad - out_f), value=8)
     scales = qw.scales.float()
     if per_channel:  # one scale per row, repeated over kernel groups
         scales, zeros = scales.expand(out_f, k_pad // kg), zeros.expand(out_f, k_pad // kg)
@@ -145,7 +143,22 @@ def to_int4_kernel(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int
     scales = torch.nn.functional.pad(scales, (0, 0, 0, n_pad - out_f))
     zero_f = torch.nn.functional.pad(zero_f, (0, 0, 0, n_pad - out_f))
     sz = torch.stack([scales, zero_f], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    # the converter takes int32 codes: 4 bytes per weight, so rows go through 256 at a time (each row's packed bytes
+    # depend on that row alone; tested against one whole conversion) and the temporaries stay small
+    # (one int32 buffer for every slab, filled in place: a temporary per slab would be freed and reallocated, and
+    # glibc keeps such freed megabytes resident)
+    packed = torch.empty(n_pad, k_pad // 2, dtype=torch.uint8)
+    buffer = torch.empty(min(256, n_pad), k_pad, dtype=torch.int32)
+    for a in range(0, n_pad, 256):
+        b = min(a + 256, n_pad)
+        rows = buffer[: b - a]
+        rows.fill_(8)                                                       # padding: code 8 (weight 0 + zero_f)
+        real = max(0, min(b, out_f) - a)
+        if real:
+            rows[:real, :in_f].copy_(qw.codes[a: a + real])
+            if shift:
+                rows[:real, :in_f] += shift
+        packed[a:b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(rows, 1)
     return packed, sz, kg
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -82,20 +82,47 @@ class BlockRunner:
         self.mask = causal_mask(seq_len)
         self.batch_size = batch_size
 
+    def _call(self, block: nn.Module, h: torch.Tensor):
+        return block(h, attention_mask=self.mask, position_ids=self.position_ids,
+                     position_embeddings=self.position_embeddings)
+
     @torch.no_grad()
     def run(self, block: nn.Module, hidden: torch.Tensor, where: str = "block") -> torch.Tensor:
         """Block outputs for every sample; NaN or Inf in them raises NetshrinkError naming the block."""
         outs = []
         for i in range(0, hidden.shape[0], self.batch_size):
-            h = hidden[i: i + self.batch_size]
-            out = block(h, attention_mask=self.mask, position_ids=self.position_ids,
-                        position_embeddings=self.position_embeddings)
+            out = self._call(block, hidden[i: i + self.batch_size])
             outs.append(out[0] if isinstance(out, tuple) else out)
         result = torch.cat(outs)
         if not torch.isfinite(result).all():
             raise NetshrinkError("hidden states became NaN or Inf", where=where,
                                  hint="check the input weights of this block, or lower the compression")
         return result
+
+    @torch.no_grad()
+    def run_until(self, block: nn.Module, hidden: torch.Tensor, names: tuple[str, ...],
+                  consume: Callable[[torch.Tensor], None], where: str) -> None:
+        """Run the block on each calibration batch only as far as the first of the Linears `names` it calls (they
+        share one input): `consume` gets that input, and the rest of the block is skipped, so Linears after it need
+        no weights yet (streamed GPTQ loads each just before it is compressed)."""
+        class Reached(Exception):
+            pass
+
+        def stop(_module, args):
+            consume(args[0])
+            raise Reached
+
+        handles = [block.get_submodule(n).register_forward_pre_hook(stop) for n in names]
+        try:
+            for i in range(0, hidden.shape[0], self.batch_size):
+                try:
+                    self._call(block, hidden[i: i + self.batch_size])
+                except Reached:
+                    continue
+                raise NetshrinkError("the block's forward never called this layer", where=f"{where}.{names[0]}")
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @contextlib.contextmanager
     def capture(self, block: nn.Module, names: list[str], want: set[str], max_samples: int = 4096

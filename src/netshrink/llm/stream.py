@@ -5,6 +5,8 @@ safetensors), and for each decoder block: loads its tensors, compresses it on th
 writes it as its own output shard, then computes the next block's inputs. Work happens in `.<out>.partial/`;
 after every block the shard, the activations and `state.json` (written last, the commit point) are written
 atomically, so a killed run resumes from the last finished block and `out` appears only when complete.
+Weight-only methods read one Linear at a time (`compress_block_lazily`); GPTQ reads one slab of a Linear's rows at a
+time against a packed Hessian (`stream_gptq`); the other calibrated methods load the whole FP32 block.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from netshrink.llm.arch import LINEARS, arch_for
 from netshrink.llm.context import QWEIGHT_ATTR, BlockContext
 from netshrink.llm.calibration import calibration_ids, check_ids_in_vocab
 from netshrink.llm.checks import check_finite, check_pack
+from netshrink.llm.gptq import GPTQ
 from netshrink.llm.packed_linear import PackedLinear
 from netshrink.llm import rtn
 from netshrink.llm.pipeline import NEEDS_CALIBRATION, compress_block, method_of
@@ -34,6 +37,7 @@ from netshrink.llm.rtn import RTN
 from netshrink.llm.runner import BlockRunner
 from netshrink.llm.safetensors_io import INDEX, ShardedCheckpoint, read_json
 from netshrink.llm.smoothquant import W8A8Linear
+from netshrink.llm.stream_gptq import gptq_block_from_disk
 
 MANIFEST = "netshrink.json"
 
@@ -228,6 +232,8 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike, config: 
         where = f"{arch.layers}.{i}"
         if ids is None:
             block, records = compress_block_lazily(ckpt, arch, hf_config, i, config, where, pack)
+        elif pack and isinstance(config, GPTQ) and config.true_sequential:
+            block, records, hidden = gptq_block_from_disk(ckpt, arch, hf_config, i, config, hidden, runner, where)
         else:
             block = load_block(ckpt, arch, hf_config, i)
             records, hidden = compress_block(block, hidden, runner, config, where, pack)

@@ -1,0 +1,107 @@
+"""GPTQ's Hessian kept as its upper triangle only and factored in place, for streaming in bounded memory.
+
+H = 2/N sum x x^T is symmetric, and all GPTQ reads of it is the upper Cholesky factor U of H^-1 (H^-1 = U^T U).
+Stored whole, a 1536-wide layer's H is 9 MiB and its factorisation needs a second matrix; here H and then U live
+in one buffer of n(n+1)/2 floats (4.5 MiB), factored by LAPACK's packed routines in place:
+spptrf (H = L L^T), spptri (H^-1 from L), spptrf again (H^-1 = L2 L2^T, so U = L2^T).
+
+Layout: the rows of the upper triangle one after another (row i is H[i, i:], at offset i*n - i*(i-1)/2). For a
+symmetric matrix that is LAPACK's packed *lower* format (its column j is our row j), so the routines run with
+lower=1, and after the last one row i of U is contiguous. Columns may be accumulated in any order (`order`, GPTQ's
+act order); everything here is then in that order.
+"""
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+from netshrink.errors import NetshrinkError
+
+
+class PackedHessian:
+    """Accumulates 2/N sum x x^T of a layer's inputs (columns in `order`) as a packed upper triangle."""
+
+    def __init__(self, n: int, order: torch.Tensor | None = None, update_elements: int = 1 << 16):
+        self.n = n
+        self.order = order
+        size = n * (n + 1) // 2
+        # Its own anonymous mapping, not malloc: glibc raises its mmap threshold to the size of any mapped block it
+        # frees, after which freed temporaries up to that size stay resident as heap; a mapping of our own is
+        # returned to the OS when this object goes, and starts as zero pages.
+        self._map = mmap.mmap(-1, max(4 * size, 1))
+        self.data = torch.frombuffer(self._map, dtype=torch.float32, count=size)
+        self.tokens = 0
+        self.factored = False
+        self.rows_per_update = max(1, min(n, update_elements // n))  # bounds the temporaries of `add`
+
+    def offset(self, i: int) -> int:
+        """Where row i of the upper triangle starts."""
+        return i * self.n - i * (i - 1) // 2
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the inputs x [..., n] (a batch of calibration tokens), a slab of rows of x^T x at a time."""
+        if self.factored:
+            raise NetshrinkError("the Hessian was already factored", where="PackedHessian.add")
+        x = x.detach().reshape(-1, self.n).float()
+        if self.order is not None:
+            x = x[:, self.order]
+        n, step = self.n, self.rows_per_update
+        for i0 in range(0, n, step):
+            i1 = min(n, i0 + step)
+            slab = x[:, i0:i1].t() @ x[:, i0:]                               # rows i0..i1 from column i0 on
+            # row by row: a boolean-mask gather would first build int64 indices, 16 bytes per element of the slab
+            for r in range(i1 - i0):
+                at = self.offset(i0 + r)
+                self.data[at: at + n - i0 - r] += slab[r, r:]
+        self.tokens += x.shape[0]
+
+    def diagonal_index(self) -> torch.Tensor:
+        i = torch.arange(self.n)
+        return i * self.n - i * (i - 1) // 2
+
+    def finish(self) -> torch.Tensor:
+        """Scale the sum to 2/N sum x x^T (in place); returns its diagonal."""
+        if self.tokens == 0:
+            raise NetshrinkError("no calibration token reached this layer", where="PackedHessian",
+                                 hint="use more or more varied calibration samples")
+        self.data.mul_(2.0 / self.tokens)
+        return self.data[self.diagonal_index()]
+
+    def add_to_diagonal(self, values: torch.Tensor | float) -> None:
+        idx = self.diagonal_index()
+        self.data[idx] = self.data[idx] + values
+
+    def factor_inverse_cholesky(self) -> bool:
+        """Replace H by U, the upper Cholesky factor of H^-1, in place; False if H is not positive definite
+        (the buffer is then spoilt: accumulate it again)."""
+        from scipy.linalg.lapack import spptrf, spptri
+
+        ap = self.data.numpy()
+        self.factored = True
+        for routine in (spptrf, spptri, spptrf):
+            out, info = routine(self.n, ap, lower=1, overwrite_ap=1)
+            if out.ctypes.data != ap.ctypes.data:          # LAPACK worked on a copy: keep it (never expected)
+                ap[:] = out
+            if info != 0:
+                return False
+        return bool(torch.isfinite(self.data.sum()))
+
+    def upper_rows(self, i1: int, i2: int, c0: int | None = None, c1: int | None = None) -> torch.Tensor:
+        """Rows i1..i2, columns c0..c1 (default: i1..n) of the (factored) upper triangle, dense, zeros below the
+        diagonal: a block of GPTQ's U."""
+        n = self.n
+        c0 = i1 if c0 is None else c0
+        c1 = n if c1 is None else c1
+        out = torch.zeros(i2 - i1, c1 - c0)
+        for r in range(i2 - i1):
+            i = i1 + r
+            start = max(c0, i)
+            if start < c1:
+                at = self.offset(i) + start - i
+                out[r, start - c0:] = self.data[at: at + c1 - start]
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """The whole matrix (upper triangle, zeros below): for tests."""
+        return self.upper_rows(0, self.n)
