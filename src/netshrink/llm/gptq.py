@@ -106,14 +106,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQ, where: str = "
     diag[dead] = 1                  # a dead input gets H_ii = 1 (in GPTQ's own copy of H, set after the copy)
     W[:, dead] = 0
 
-    n_groups = -(-cols // gs) if gs else 1
-    scales: list = [None] * n_groups
-    zeros: list = [None] * n_groups
-    if gs is None:
-        scales[0], zeros[0] = slice_qparams(W, bits, sym)
-    elif config.static_groups:
-        for g in range(n_groups):
-            scales[g], zeros[g] = slice_qparams(W[:, g * gs: (g + 1) * gs], bits, sym)
+    scales, zeros = initial_grids(W, config)
 
     perm = torch.arange(cols)
     if config.act_order:
@@ -130,6 +123,21 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, config: GPTQ, where: str = "
                                  config)
     qw = assemble(codes[:, invperm], scales, zeros, bits, gs)
     return qw, {"loss": float(losses.sum()), "damp": damp}
+
+
+def initial_grids(W: torch.Tensor, config: GPTQ) -> tuple[list, list]:
+    """Per-group (scale, zero point) lists of rows W before any update: per channel, or every group when static;
+    None where a group's grid is computed when GPTQ reaches it (static_groups=False)."""
+    gs = config.group_size
+    n_groups = -(-W.shape[1] // gs) if gs else 1
+    scales: list = [None] * n_groups
+    zeros: list = [None] * n_groups
+    if gs is None:
+        scales[0], zeros[0] = slice_qparams(W, config.bits, config.symmetric)
+    elif config.static_groups:
+        for g in range(n_groups):
+            scales[g], zeros[g] = slice_qparams(W[:, g * gs: (g + 1) * gs], config.bits, config.symmetric)
+    return scales, zeros
 
 
 def gptq_columns(W: torch.Tensor, upper, perm: torch.Tensor, pruned: torch.Tensor, scales: list, zeros: list,

@@ -28,8 +28,8 @@ from netshrink.bench.memory import trim_heap
 from netshrink.errors import NetshrinkError
 from netshrink.llm.arch import LINEARS, SEQUENTIAL
 from netshrink.llm.checks import check_finite
-from netshrink.llm.gptq import GPTQ, gptq_columns
-from netshrink.llm.grid import assemble, slice_qparams
+from netshrink.llm.gptq import GPTQ, gptq_columns, initial_grids
+from netshrink.llm.grid import assemble
 from netshrink.llm.packed_hessian import PackedHessian
 from netshrink.llm.packed_linear import PackedLinear
 from netshrink.llm.packing import QuantizedWeight, pack_codes, unpack_codes
@@ -125,8 +125,7 @@ def quantize_from_disk(ckpt: ShardedCheckpoint, key: str, H: PackedHessian, orde
     """GPTQ of the weight `key` against the factored H, read, quantized and packed a slab of rows at a time."""
     _, shape, _, _ = ckpt.raw_location(key)
     out_f, in_f = shape
-    bits, sym, gs = config.bits, config.symmetric, config.group_size
-    n_groups = -(-in_f // gs) if gs else 1
+    bits, gs = config.bits, config.group_size
     perm = order if order is not None else torch.arange(in_f)
     invperm = torch.argsort(perm)
     layer = PackedLinear(in_f, out_f, bits, gs, bias=bias is not None)
@@ -139,13 +138,7 @@ def quantize_from_disk(ckpt: ShardedCheckpoint, key: str, H: PackedHessian, orde
         check_finite(W, where)
         pruned = W == 0                             # kept at zero, as in gptq_quantize
         W[:, dead] = 0
-        scales: list = [None] * n_groups
-        zeros: list = [None] * n_groups
-        if gs is None:
-            scales[0], zeros[0] = slice_qparams(W, bits, sym)
-        elif config.static_groups:
-            for g in range(n_groups):
-                scales[g], zeros[g] = slice_qparams(W[:, g * gs: (g + 1) * gs], bits, sym)
+        scales, zeros = initial_grids(W, config)
         W, pruned = W[:, perm], pruned[:, perm]
         codes, _ = gptq_columns(W, H.upper_rows, perm, pruned, scales, zeros, config)
         rows = assemble(codes[:, invperm], scales, zeros, bits, gs)
