@@ -52,7 +52,7 @@ def fast_call():
     try:
         return build_extension(SOURCE.with_name("call.cpp"), "_netshrink_native_call", where="native call",
                                fallback="ctypes").forward
-    except NetshrinkError:
+    except (NetshrinkError, ImportError, OSError):   # no headers, no compiler, or a library this Python rejects
         return None
 
 
