@@ -60,10 +60,10 @@ class PackedHessian:
         i = torch.arange(self.n)
         return i * self.n - i * (i - 1) // 2
 
-    def finish(self) -> torch.Tensor:
-        """Scale the sum to 2/N sum x x^T (in place); returns its diagonal."""
+    def finish(self, where: str = "PackedHessian") -> torch.Tensor:
+        """Scale the sum to 2/N sum x x^T (in place); returns its diagonal. `where` names the layer in errors."""
         if self.tokens == 0:
-            raise NetshrinkError("no calibration token reached this layer", where="PackedHessian",
+            raise NetshrinkError("no calibration token reached this layer", where=where,
                                  hint="use more or more varied calibration samples")
         self.data.mul_(2.0 / self.tokens)
         return self.data[self.diagonal_index()]

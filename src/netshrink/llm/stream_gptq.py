@@ -102,7 +102,7 @@ def group_hessian(block: nn.Module, hidden: torch.Tensor, runner: BlockRunner, n
             trim_heap()                         # each batch's temporaries back to the OS before the next
 
         runner.run_until(block, hidden, names, add, where)
-        diag = H.finish()
+        diag = H.finish(f"{where}.{names[0]}")
         dead = diag == 0
         if dead.any():
             H.add_to_diagonal(dead.float())     # H_ii = 1 for an input no token ever set
