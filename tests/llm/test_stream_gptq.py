@@ -12,19 +12,20 @@ from hypothesis import strategies as st
 from netshrink.errors import NetshrinkError
 from netshrink.llm import GPTQ, compress_checkpoint, compress_llm, load_compressed, write_synthetic_checkpoint
 from netshrink.llm.arch import LINEARS
-from netshrink.llm.packed_hessian import PackedHessian
+from netshrink.llm.packed_hessian import PACKED_UP_TO, DenseHessian, PackedHessian, new_hessian
 
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 40), tokens=st.integers(1, 90), batches=st.integers(1, 4), rows=st.integers(1, 50),
-       ordered=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_packed_hessian_and_its_factor_match_float64(n, tokens, batches, rows, ordered, seed):
-    """Accumulated in batches and slabs of rows, in a column order, H is 2/N X^T X; factored in place it is the upper
-    Cholesky factor of (H + damp I)^-1; any block of rows reads back from the packed storage."""
+       ordered=st.booleans(), packed=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_packed_and_dense_hessians_and_their_factors_match_float64(n, tokens, batches, rows, ordered, packed, seed):
+    """Accumulated in batches (and slabs of rows), in a column order, H is 2/N X^T X; factored in place it is the
+    upper Cholesky factor of (H + damp I)^-1; any block of rows and columns reads back, zero below the diagonal."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens * batches, n, generator=g)
     order = torch.randperm(n, generator=g) if ordered else None
-    H = PackedHessian(n, order, update_elements=rows * n)
+    H = new_hessian(n, order, update_elements=rows * n, packed=packed)
+    assert isinstance(H, PackedHessian if packed else DenseHessian)
     for chunk in x.split(tokens):
         H.add(chunk)
     diag = H.finish()
@@ -40,7 +41,18 @@ def test_packed_hessian_and_its_factor_match_float64(n, tokens, batches, rows, o
     assert torch.allclose(H.dense().double(), U, rtol=1e-3, atol=1e-4 * float(U.abs().max()))
     i1 = int(torch.randint(0, n, (1,), generator=g))
     i2 = int(torch.randint(i1 + 1, n + 1, (1,), generator=g))
+    c0 = int(torch.randint(i1, n, (1,), generator=g))
+    c1 = int(torch.randint(c0 + 1, n + 1, (1,), generator=g))
     assert torch.equal(H.upper_rows(i1, i2), H.dense()[i1:i2, i1:])
+    assert torch.equal(H.upper_rows(i1, i2, c0, c1), H.dense()[i1:i2, c0:c1])
+
+
+def test_wide_inputs_get_the_dense_hessian_and_a_bad_choice_is_named(tmp_path):
+    assert isinstance(new_hessian(PACKED_UP_TO), PackedHessian)
+    assert isinstance(new_hessian(PACKED_UP_TO + 1), DenseHessian)
+    with pytest.raises(NetshrinkError, match="hessian must be 'auto', 'packed' or 'dense', got 'full'"):
+        compress_checkpoint(tmp_path / "src", tmp_path / "out", GPTQ(4, 32), torch.zeros(1, 8, dtype=torch.long),
+                            hessian="full")
 
 
 def test_packed_hessian_refuses_what_it_cannot_do():
@@ -65,13 +77,15 @@ def wide_checkpoint(tmp_path_factory):
     return write_synthetic_checkpoint(folder, config)
 
 
-@pytest.mark.parametrize("config", [GPTQ(4, None, act_order=False), GPTQ(3, 64, act_order=False),
-                                    GPTQ(4, 32, act_order=False, symmetric=True)],
-                         ids=["channel", "w3-g64", "symmetric"])
-def test_streamed_gptq_matches_the_in_memory_pipeline(wide_checkpoint, tmp_path, config, monkeypatch):
+@pytest.mark.parametrize("config,dense", [(GPTQ(4, None, act_order=False), False),
+                                          (GPTQ(3, 64, act_order=False), False),
+                                          (GPTQ(4, 32, act_order=False, symmetric=True), False),
+                                          (GPTQ(4, 32, act_order=False), True)],
+                         ids=["channel", "w3-g64", "symmetric", "dense-hessian"])
+def test_streamed_gptq_matches_the_in_memory_pipeline(wide_checkpoint, tmp_path, config, dense, monkeypatch):
     """Same model, same calibration, columns in their own order: the same codes as the in-memory pipeline (up to
     float32 rounding of differently grouped sums), and the same logits. Small slabs force every Linear through
-    several, and the Hessian through several update slabs and batches."""
+    several, and the Hessian through several update slabs and batches; `dense` takes the whole-matrix Hessian."""
     from transformers import LlamaForCausalLM
 
     import netshrink.llm.stream_gptq as stream_gptq
@@ -79,7 +93,8 @@ def test_streamed_gptq_matches_the_in_memory_pipeline(wide_checkpoint, tmp_path,
     monkeypatch.setattr(stream_gptq, "slab_bytes", lambda block_bytes: 8 * 4 * 320 * 7)   # slabs of 28-93 rows
     torch.manual_seed(3)
     ids = torch.randint(0, 300, (6, 24))
-    out = compress_checkpoint(wide_checkpoint, tmp_path / "out", config, ids, batch_size=4)
+    out = compress_checkpoint(wide_checkpoint, tmp_path / "out", config, ids, batch_size=4,
+                              hessian="dense" if dense else "packed")
     streamed = load_compressed(out).eval()
     source = LlamaForCausalLM.from_pretrained(wide_checkpoint, torch_dtype=torch.float32).eval()
     memory = compress_llm(source, config, ids, pack=True, batch_size=4).eval()

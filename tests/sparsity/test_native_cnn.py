@@ -79,7 +79,8 @@ def _flat(c: int, h: int, w: int) -> int:
                                          nn.ReLU(), nn.Linear(250, 7)), (2, 11, 13)),
     # four convs, no pooling: several middle convs, each split between the threads
     ("four convs", nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 48, 3), nn.Conv2d(48, 64, 3, padding=1),
-                                 nn.ReLU(), nn.Conv2d(64, 5, 1), nn.Flatten(), nn.Linear(_flat(5, 5, 4), 3)), (3, 9, 8)),
+                                 nn.ReLU(), nn.Conv2d(64, 5, 1), nn.Flatten(), nn.Linear(_flat(5, 5, 4), 3)),
+     (3, 9, 8)),
     # no convs at all: Linears split by output vectors
     ("linears only", nn.Sequential(nn.Flatten(), nn.Linear(60, 90), nn.ReLU(), nn.Linear(90, 17)), (1, 6, 10)),
 ])

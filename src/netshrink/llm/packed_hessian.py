@@ -9,6 +9,9 @@ Layout: the rows of the upper triangle one after another (row i is H[i, i:], at 
 symmetric matrix that is LAPACK's packed *lower* format (its column j is our row j), so the routines run with
 lower=1, and after the last one row i of U is contiguous. Columns may be accumulated in any order (`order`, GPTQ's
 act order); everything here is then in that order.
+
+Above PACKED_UP_TO columns the packed routines (unblocked LAPACK) get slow (minutes for a 14336-wide input), so
+`new_hessian` hands out a `DenseHessian` there: the whole matrix, factored in place by the blocked routines.
 """
 from __future__ import annotations
 
@@ -105,3 +108,72 @@ class PackedHessian:
     def dense(self) -> torch.Tensor:
         """The whole matrix (upper triangle, zeros below): for tests."""
         return self.upper_rows(0, self.n)
+
+
+class DenseHessian:
+    """PackedHessian's interface over the whole [n, n] matrix, factored in place by LAPACK's blocked routines
+    (spotrf, spotri, spotrf): twice the memory, and 7-10x faster (0.39 s against 3.85 s at n=4096). U ends in the
+    upper triangle; what is left below it is never read."""
+
+    def __init__(self, n: int, order: torch.Tensor | None = None):
+        self.n = n
+        self.order = order
+        self._map = mmap.mmap(-1, max(4 * n * n, 1))     # its own mapping, as in PackedHessian
+        self.data = torch.frombuffer(self._map, dtype=torch.float32, count=n * n).view(n, n)
+        self.tokens = 0
+        self.factored = False
+
+    def add(self, x: torch.Tensor) -> None:
+        if self.factored:
+            raise NetshrinkError("the Hessian was already factored", where="DenseHessian.add")
+        x = x.detach().reshape(-1, self.n).float()
+        if self.order is not None:
+            x = x[:, self.order]
+        self.data.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    def finish(self, where: str = "DenseHessian") -> torch.Tensor:
+        if self.tokens == 0:
+            raise NetshrinkError("no calibration token reached this layer", where=where,
+                                 hint="use more or more varied calibration samples")
+        self.data.mul_(2.0 / self.tokens)
+        return self.data.diagonal().clone()
+
+    def add_to_diagonal(self, values: torch.Tensor | float) -> None:
+        self.data.diagonal().add_(values)
+
+    def factor_inverse_cholesky(self) -> bool:
+        from scipy.linalg.lapack import spotrf, spotri
+
+        a = self.data.numpy().T                 # Fortran order; the matrix is symmetric, so the same matrix
+        self.factored = True
+        steps = ((spotrf, {"lower": 1, "clean": 0, "overwrite_a": 1}), (spotri, {"lower": 1, "overwrite_c": 1}),
+                 (spotrf, {"lower": 1, "clean": 0, "overwrite_a": 1}))
+        for routine, options in steps:
+            out, info = routine(a, **options)
+            if out.ctypes.data != a.ctypes.data:
+                a[:] = out
+            if info != 0:
+                return False
+        # Fortran's lower triangle is our upper one: U (H^-1 = U^T U)
+        return bool(torch.isfinite(self.data.sum()))
+
+    def upper_rows(self, i1: int, i2: int, c0: int | None = None, c1: int | None = None) -> torch.Tensor:
+        c0 = i1 if c0 is None else c0
+        c1 = self.n if c1 is None else c1
+        return torch.triu(self.data[i1:i2, c0:c1], diagonal=i1 - c0)
+
+    def dense(self) -> torch.Tensor:
+        return self.upper_rows(0, self.n)
+
+
+PACKED_UP_TO = 4096  # inputs this wide or narrower use PackedHessian (its unblocked routines take <= ~4 s)
+
+
+def new_hessian(n: int, order: torch.Tensor | None = None, update_elements: int = 1 << 16,
+                packed: bool | None = None) -> "PackedHessian | DenseHessian":
+    """A Hessian accumulator for an n-wide input: packed (half the memory) up to PACKED_UP_TO, dense (blocked
+    factorisation) above, where the packed routines would take minutes per layer; `packed` forces either."""
+    if packed is None:
+        packed = n <= PACKED_UP_TO
+    return PackedHessian(n, order, update_elements) if packed else DenseHessian(n, order)

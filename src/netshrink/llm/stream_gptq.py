@@ -9,7 +9,8 @@ sequential order (q/k/v, o, gate/up, down):
    time (`DequantizedProduct`), as the in-memory pipeline computes it from the dense dequantized weight, and the
    ones after it are not loaded yet;
 2. the group's shared input builds one packed Hessian (`PackedHessian`: the upper triangle, factored in place;
-   with act order a first pass orders the columns by the inputs' squared norms), shared by the group's Linears;
+   `DenseHessian` above 4096 inputs, for speed; with act order a first pass orders the columns by the inputs'
+   squared norms), shared by the group's Linears;
 3. each Linear is read from its shard a slab of rows at a time and quantized against that factor (rows are
    independent given it: `gptq.gptq_columns`), then packed.
 At its peak a block holds its packed Linears, one packed Hessian, one slab of FP32 rows and one batch of
@@ -30,7 +31,7 @@ from netshrink.llm.arch import LINEARS, SEQUENTIAL
 from netshrink.llm.checks import check_finite
 from netshrink.llm.gptq import GPTQ, gptq_columns, initial_grids
 from netshrink.llm.grid import assemble
-from netshrink.llm.packed_hessian import PackedHessian
+from netshrink.llm.packed_hessian import DenseHessian, PackedHessian, new_hessian
 from netshrink.llm.packed_linear import PackedLinear
 from netshrink.llm.packing import QuantizedWeight, pack_codes, unpack_codes
 from netshrink.llm.runner import BlockRunner
@@ -74,8 +75,8 @@ def _install(block: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def group_hessian(block: nn.Module, hidden: torch.Tensor, runner: BlockRunner, names: tuple[str, ...], n: int,
-                  config: GPTQ, where: str, update_elements: int
-                  ) -> tuple[PackedHessian, torch.Tensor | None, torch.Tensor, float]:
+                  config: GPTQ, where: str, update_elements: int, packed: bool | None = None
+                  ) -> tuple[PackedHessian | DenseHessian, torch.Tensor | None, torch.Tensor, float]:
     """The factored packed Hessian of the inputs shared by `names` (U of H^-1, in act order when asked), the column
     order, the dead inputs (original indices) and the dampening used. A failed factorisation accumulates H again
     with ten times the dampening, with a warning, as `gptq.inverse_hessian_cholesky` does."""
@@ -95,7 +96,7 @@ def group_hessian(block: nn.Module, hidden: torch.Tensor, runner: BlockRunner, n
     damp = config.damp
     for attempt in range(config.damp_retries + 1):
         trim_heap()
-        H = PackedHessian(n, order, update_elements)
+        H = new_hessian(n, order, update_elements, packed)
 
         def add(x: torch.Tensor) -> None:
             H.add(x)
@@ -119,9 +120,9 @@ def group_hessian(block: nn.Module, hidden: torch.Tensor, runner: BlockRunner, n
                          where=f"{where}.{names[0]}", hint="use more calibration samples")
 
 
-def quantize_from_disk(ckpt: ShardedCheckpoint, key: str, H: PackedHessian, order: torch.Tensor | None,
-                       dead: torch.Tensor, config: GPTQ, where: str, slab: int, bias: torch.Tensor | None = None
-                       ) -> PackedLinear:
+def quantize_from_disk(ckpt: ShardedCheckpoint, key: str, H: PackedHessian | DenseHessian,
+                       order: torch.Tensor | None, dead: torch.Tensor, config: GPTQ, where: str, slab: int,
+                       bias: torch.Tensor | None = None) -> PackedLinear:
     """GPTQ of the weight `key` against the factored H, read, quantized and packed a slab of rows at a time."""
     _, shape, _, _ = ckpt.raw_location(key)
     out_f, in_f = shape
@@ -152,10 +153,10 @@ def quantize_from_disk(ckpt: ShardedCheckpoint, key: str, H: PackedHessian, orde
 
 @torch.no_grad()
 def gptq_block_from_disk(ckpt: ShardedCheckpoint, arch: Any, hf_config: Any, index: int, config: GPTQ,
-                         hidden: torch.Tensor, runner: BlockRunner, where: str
+                         hidden: torch.Tensor, runner: BlockRunner, where: str, packed_hessian: bool | None = None
                          ) -> tuple[nn.Module, dict[str, dict], torch.Tensor]:
     """Decoder block `index` quantized by GPTQ from the checkpoint (see module doc): (the block with PackedLinears,
-    its records, its outputs on `hidden`, the next block's inputs)."""
+    its records, its outputs on `hidden`, the next block's inputs). `packed_hessian`: see `new_hessian`."""
     if not torch.isfinite(hidden).all():
         raise NetshrinkError("input hidden states are NaN or Inf", where=where,
                              hint="an earlier block or the embeddings produce non-finite values")
@@ -179,7 +180,8 @@ def gptq_block_from_disk(ckpt: ShardedCheckpoint, arch: Any, hf_config: Any, ind
     packed: dict[str, PackedLinear] = {}
     for group in SEQUENTIAL:
         n = block.get_submodule(group[0]).in_features
-        H, order, dead, damp = group_hessian(block, hidden, small, group, n, config, where, slab // 16)
+        H, order, dead, damp = group_hessian(block, hidden, small, group, n, config, where, slab // 16,
+                                             packed_hessian)
         for name in group:
             bias_key = f"{prefix}{name}.bias"
             bias = ckpt.read(bias_key).float() if bias_key in ckpt.weight_map else None

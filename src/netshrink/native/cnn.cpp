@@ -39,7 +39,9 @@ struct LineAligned {
   LineAligned() = default;
   template <class U>
   LineAligned(const LineAligned<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new((n * sizeof(T) + 63) / 64 * 64, std::align_val_t(64))); }
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new((n * sizeof(T) + 63) / 64 * 64, std::align_val_t(64)));
+  }
   void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
   bool operator==(const LineAligned&) const { return true; }
   bool operator!=(const LineAligned&) const { return false; }
