@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import lru_cache
 from typing import Callable, TypeVar
 
 import psutil
@@ -37,20 +38,22 @@ def trim_heap() -> None:
     After freeing a large block glibc raises its mmap threshold to that size, so the next temporaries up to it come
     from the heap, and freed heap pages stay resident: a loop that frees and reallocates a few MiB at a time keeps
     its high-water mark in RSS. Trimming between phases keeps RSS at what is live."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
-_LIBC = None
+@lru_cache(maxsize=1)
+def _glibc():
+    """glibc with `malloc_trim` declared, or None (another C library)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def release_free_memory() -> None:

@@ -51,6 +51,18 @@ class Arch:
         """An empty decoder block of this family (weights to be loaded)."""
         return self._cls("DecoderLayer")(config, index)
 
+    def block_without_linears(self, config, index: int, load) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """Decoder block `index` with its small tensors (norms and the like) from `load(names) -> {name: tensor}`
+        and its Linears still on the meta device, for paths that read each Linear later; also the loaded tensors,
+        by checkpoint name."""
+        with torch.device("meta"):
+            block = self.new_block(config, index)
+        prefix = f"{self.layers}.{index}."
+        lazy = {f"{prefix}{name}.{p}" for name in LINEARS for p in ("weight", "bias")}
+        tensors = load([prefix + k for k in block.state_dict() if prefix + k not in lazy])
+        block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=False, assign=True)
+        return block, tensors
+
     def rotary(self, config) -> nn.Module:
         return self._cls("RotaryEmbedding")(config=config)
 

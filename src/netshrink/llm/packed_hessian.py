@@ -22,33 +22,55 @@ import torch
 from netshrink.errors import NetshrinkError
 
 
-class PackedHessian:
-    """Accumulates 2/N sum x x^T of a layer's inputs (columns in `order`) as a packed upper triangle."""
+class _Hessian:
+    """What both storages share: 2/N sum x x^T of a layer's inputs (columns in `order`), in its own anonymous
+    mapping (not malloc: glibc raises its mmap threshold to the size of any mapped block it frees, after which freed
+    temporaries up to that size stay resident as heap; a mapping of our own goes back to the OS with this object,
+    and starts as zero pages)."""
 
-    def __init__(self, n: int, order: torch.Tensor | None = None, update_elements: int = 1 << 16):
+    def __init__(self, n: int, order: torch.Tensor | None, elements: int):
         self.n = n
         self.order = order
-        size = n * (n + 1) // 2
-        # Its own anonymous mapping, not malloc: glibc raises its mmap threshold to the size of any mapped block it
-        # frees, after which freed temporaries up to that size stay resident as heap; a mapping of our own is
-        # returned to the OS when this object goes, and starts as zero pages.
-        self._map = mmap.mmap(-1, max(4 * size, 1))
-        self.data = torch.frombuffer(self._map, dtype=torch.float32, count=size)
+        self._map = mmap.mmap(-1, max(4 * elements, 1))
+        self.data = torch.frombuffer(self._map, dtype=torch.float32, count=elements)
         self.tokens = 0
         self.factored = False
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the inputs x [..., n] (a batch of calibration tokens)."""
+        if self.factored:
+            raise NetshrinkError("the Hessian was already factored", where=f"{type(self).__name__}.add")
+        x = x.detach().reshape(-1, self.n).float()
+        if self.order is not None:
+            x = x[:, self.order]
+        self._accumulate(x)
+        self.tokens += x.shape[0]
+
+    def finish(self, where: str | None = None) -> torch.Tensor:
+        """Scale the sum to 2/N sum x x^T (in place); returns its diagonal. `where` names the layer in errors."""
+        if self.tokens == 0:
+            raise NetshrinkError("no calibration token reached this layer", where=where or type(self).__name__,
+                                 hint="use more or more varied calibration samples")
+        self.data.mul_(2.0 / self.tokens)
+        return self.diagonal()
+
+    def dense(self) -> torch.Tensor:
+        """The whole matrix (upper triangle, zeros below): for tests."""
+        return self.upper_rows(0, self.n)
+
+
+class PackedHessian(_Hessian):
+    """The Hessian as a packed upper triangle, factored by LAPACK's packed routines."""
+
+    def __init__(self, n: int, order: torch.Tensor | None = None, update_elements: int = 1 << 16):
+        super().__init__(n, order, n * (n + 1) // 2)
         self.rows_per_update = max(1, min(n, update_elements // n))  # bounds the temporaries of `add`
 
     def offset(self, i: int) -> int:
         """Where row i of the upper triangle starts."""
         return i * self.n - i * (i - 1) // 2
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add the inputs x [..., n] (a batch of calibration tokens), a slab of rows of x^T x at a time."""
-        if self.factored:
-            raise NetshrinkError("the Hessian was already factored", where="PackedHessian.add")
-        x = x.detach().reshape(-1, self.n).float()
-        if self.order is not None:
-            x = x[:, self.order]
+    def _accumulate(self, x: torch.Tensor) -> None:
         n, step = self.n, self.rows_per_update
         for i0 in range(0, n, step):
             i1 = min(n, i0 + step)
@@ -57,18 +79,12 @@ class PackedHessian:
             for r in range(i1 - i0):
                 at = self.offset(i0 + r)
                 self.data[at: at + n - i0 - r] += slab[r, r:]
-        self.tokens += x.shape[0]
 
     def diagonal_index(self) -> torch.Tensor:
         i = torch.arange(self.n)
         return i * self.n - i * (i - 1) // 2
 
-    def finish(self, where: str = "PackedHessian") -> torch.Tensor:
-        """Scale the sum to 2/N sum x x^T (in place); returns its diagonal. `where` names the layer in errors."""
-        if self.tokens == 0:
-            raise NetshrinkError("no calibration token reached this layer", where=where,
-                                 hint="use more or more varied calibration samples")
-        self.data.mul_(2.0 / self.tokens)
+    def diagonal(self) -> torch.Tensor:
         return self.data[self.diagonal_index()]
 
     def add_to_diagonal(self, values: torch.Tensor | float) -> None:
@@ -105,38 +121,20 @@ class PackedHessian:
                 out[r, start - c0:] = self.data[at: at + c1 - start]
         return out
 
-    def dense(self) -> torch.Tensor:
-        """The whole matrix (upper triangle, zeros below): for tests."""
-        return self.upper_rows(0, self.n)
 
-
-class DenseHessian:
-    """PackedHessian's interface over the whole [n, n] matrix, factored in place by LAPACK's blocked routines
-    (spotrf, spotri, spotrf): twice the memory, and 7-10x faster (0.39 s against 3.85 s at n=4096). U ends in the
-    upper triangle; what is left below it is never read."""
+class DenseHessian(_Hessian):
+    """The whole [n, n] matrix, factored in place by LAPACK's blocked routines (spotrf, spotri, spotrf): twice
+    PackedHessian's memory, and 7-10x faster (0.39 s against 3.85 s at n=4096). U ends in the upper triangle; what
+    is left below it is never read."""
 
     def __init__(self, n: int, order: torch.Tensor | None = None):
-        self.n = n
-        self.order = order
-        self._map = mmap.mmap(-1, max(4 * n * n, 1))     # its own mapping, as in PackedHessian
-        self.data = torch.frombuffer(self._map, dtype=torch.float32, count=n * n).view(n, n)
-        self.tokens = 0
-        self.factored = False
+        super().__init__(n, order, n * n)
+        self.data = self.data.view(n, n)
 
-    def add(self, x: torch.Tensor) -> None:
-        if self.factored:
-            raise NetshrinkError("the Hessian was already factored", where="DenseHessian.add")
-        x = x.detach().reshape(-1, self.n).float()
-        if self.order is not None:
-            x = x[:, self.order]
+    def _accumulate(self, x: torch.Tensor) -> None:
         self.data.addmm_(x.t(), x)
-        self.tokens += x.shape[0]
 
-    def finish(self, where: str = "DenseHessian") -> torch.Tensor:
-        if self.tokens == 0:
-            raise NetshrinkError("no calibration token reached this layer", where=where,
-                                 hint="use more or more varied calibration samples")
-        self.data.mul_(2.0 / self.tokens)
+    def diagonal(self) -> torch.Tensor:
         return self.data.diagonal().clone()
 
     def add_to_diagonal(self, values: torch.Tensor | float) -> None:
@@ -162,9 +160,6 @@ class DenseHessian:
         c0 = i1 if c0 is None else c0
         c1 = self.n if c1 is None else c1
         return torch.triu(self.data[i1:i2, c0:c1], diagonal=i1 - c0)
-
-    def dense(self) -> torch.Tensor:
-        return self.upper_rows(0, self.n)
 
 
 PACKED_UP_TO = 4096  # inputs this wide or narrower use PackedHessian (its unblocked routines take <= ~4 s)

@@ -40,10 +40,10 @@ class PackedLinear(nn.Module):
             layer.bias.copy_(bias.detach().float())
         return layer
 
-    def quantized_weight(self) -> QuantizedWeight:
-        """The canonical grid (codes unpacked)."""
-        codes = unpack_codes(self.qweight, self.bits, self.in_features)
-        return QuantizedWeight(codes, self.scales, self.zeros, self.bits, self.group_size)
+    def quantized_weight(self, start: int = 0, stop: int | None = None) -> QuantizedWeight:
+        """The canonical grid (codes unpacked) of output rows [start, stop) (all by default)."""
+        codes = unpack_codes(self.qweight[start:stop], self.bits, self.in_features)
+        return QuantizedWeight(codes, self.scales[start:stop], self.zeros[start:stop], self.bits, self.group_size)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the packed codes stand for."""

@@ -143,10 +143,9 @@ def to_int4_kernel(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int
     scales = torch.nn.functional.pad(scales, (0, 0, 0, n_pad - out_f))
     zero_f = torch.nn.functional.pad(zero_f, (0, 0, 0, n_pad - out_f))
     sz = torch.stack([scales, zero_f], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-    # the converter takes int32 codes: 4 bytes per weight, so rows go through 256 at a time (each row's packed bytes
-    # depend on that row alone; tested against one whole conversion) and the temporaries stay small
-    # (one int32 buffer for every slab, filled in place: a temporary per slab would be freed and reallocated, and
-    # glibc keeps such freed megabytes resident)
+    # The converter takes int32 codes, 4 bytes per weight: rows go through 256 at a time (each row's packed bytes
+    # depend on that row alone; tested against one whole conversion), in one int32 buffer filled in place (a
+    # temporary per slab would be freed and reallocated, and glibc keeps such freed megabytes resident).
     packed = torch.empty(n_pad, k_pad // 2, dtype=torch.uint8)
     buffer = torch.empty(min(256, n_pad), k_pad, dtype=torch.int32)
     for a in range(0, n_pad, 256):

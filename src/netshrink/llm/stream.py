@@ -40,6 +40,7 @@ from netshrink.llm.smoothquant import W8A8Linear
 from netshrink.llm.stream_gptq import gptq_block_from_disk
 
 MANIFEST = "netshrink.json"
+HESSIANS = {"auto": None, "packed": True, "dense": False}  # compress_checkpoint's `hessian` -> new_hessian's `packed`
 
 
 def read_config(src: Path):
@@ -133,12 +134,8 @@ def compress_block_lazily(ckpt: ShardedCheckpoint, arch, config, i: int, method_
     Linear plus the packed block, under one FP32 block. Packed RTN goes further and reads each weight 64 rows at a
     time (`_rtn_packed_from_disk`).
     """
-    with torch.device("meta"):
-        block = arch.new_block(config, i)
+    block, _ = arch.block_without_linears(config, i, ckpt.load)
     prefix = f"{arch.layers}.{i}."
-    lazy = {f"{prefix}{name}.{p}" for name in LINEARS for p in ("weight", "bias")}
-    eager = [prefix + k for k in block.state_dict() if prefix + k not in lazy]
-    block.load_state_dict({k[len(prefix):]: v for k, v in ckpt.load(eager).items()}, strict=False, assign=True)
     if pack and isinstance(method_config, RTN):
         return _rtn_packed_from_disk(ckpt, block, prefix, method_config, where), {
             f"{where}.{name}": rtn.record(method_config) for name in LINEARS}
@@ -197,7 +194,7 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike, config: 
 
     `hessian` (streamed GPTQ): "packed" stores each Hessian as its upper triangle (least memory), "dense" as the
     whole matrix (its factorisation is 4-10x faster), "auto" packs inputs up to 4096 wide."""
-    if hessian not in ("auto", "packed", "dense"):
+    if hessian not in HESSIANS:
         raise NetshrinkError(f"hessian must be 'auto', 'packed' or 'dense', got {hessian!r}",
                              where="compress_checkpoint")
     src, out = Path(src), refuse_existing(out, "output checkpoint")
@@ -240,7 +237,7 @@ def compress_checkpoint(src: str | os.PathLike, out: str | os.PathLike, config: 
             block, records = compress_block_lazily(ckpt, arch, hf_config, i, config, where, pack)
         elif pack and isinstance(config, GPTQ) and config.true_sequential:
             block, records, hidden = gptq_block_from_disk(ckpt, arch, hf_config, i, config, hidden, runner, where,
-                                                          {"auto": None, "packed": True, "dense": False}[hessian])
+                                                          HESSIANS[hessian])
         else:
             block = load_block(ckpt, arch, hf_config, i)
             records, hidden = compress_block(block, hidden, runner, config, where, pack)

@@ -33,7 +33,7 @@ from netshrink.llm.gptq import GPTQ, gptq_columns, initial_grids
 from netshrink.llm.grid import assemble
 from netshrink.llm.packed_hessian import DenseHessian, PackedHessian, new_hessian
 from netshrink.llm.packed_linear import PackedLinear
-from netshrink.llm.packing import QuantizedWeight, pack_codes, unpack_codes
+from netshrink.llm.packing import pack_codes
 from netshrink.llm.runner import BlockRunner
 from netshrink.llm.safetensors_io import ShardedCheckpoint
 
@@ -59,19 +59,13 @@ class DequantizedProduct(nn.Module):
         out = torch.empty(x2.shape[0], p.out_features)
         for a in range(0, p.out_features, self.rows):
             b = min(a + self.rows, p.out_features)
-            rows = QuantizedWeight(unpack_codes(p.qweight[a:b], p.bits, p.in_features), p.scales[a:b], p.zeros[a:b],
-                                   p.bits, p.group_size)
+            rows = p.quantized_weight(a, b)
             out[:, a:b] = x2 @ rows.dequantize().t()
         if p.bias is not None:
             out += p.bias
         del rows
         trim_heap()                                 # the chunks' temporaries back to the OS (see trim_heap)
         return out.reshape(*x.shape[:-1], p.out_features)
-
-
-def _install(block: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent_name), child, module)
 
 
 def group_hessian(block: nn.Module, hidden: torch.Tensor, runner: BlockRunner, names: tuple[str, ...], n: int,
@@ -160,15 +154,10 @@ def gptq_block_from_disk(ckpt: ShardedCheckpoint, arch: Any, hf_config: Any, ind
     if not torch.isfinite(hidden).all():
         raise NetshrinkError("input hidden states are NaN or Inf", where=where,
                              hint="an earlier block or the embeddings produce non-finite values")
-    with torch.device("meta"):
-        block = arch.new_block(hf_config, index)
+    block, tensors = arch.block_without_linears(hf_config, index, ckpt.load)
     prefix = f"{arch.layers}.{index}."
-    lazy = {f"{prefix}{name}.{p}" for name in LINEARS for p in ("weight", "bias")}
-    eager = [prefix + k for k in block.state_dict() if prefix + k not in lazy]
-    tensors = ckpt.load(eager)
     for key, tensor in tensors.items():
         check_finite(tensor, where, key[len(prefix):])
-    block.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()}, strict=False, assign=True)
     block.eval()
     block_bytes = 4 * sum(block.get_submodule(n).weight.numel() for n in LINEARS)
     slab = slab_bytes(block_bytes)
@@ -189,7 +178,7 @@ def gptq_block_from_disk(ckpt: ShardedCheckpoint, arch: Any, hf_config: Any, ind
                 check_finite(bias, f"{where}.{name}", "bias")
             packed[name] = quantize_from_disk(ckpt, f"{prefix}{name}.weight", H, order, dead, config,
                                               f"{where}.{name}", slab, bias)
-            _install(block, name, DequantizedProduct(packed[name], slab))
+            block.set_submodule(name, DequantizedProduct(packed[name], slab))
             trim_heap()                         # the slabs' temporaries back to the OS before the next step
             records[f"{where}.{name}"] = dict(method="gptq", bits=config.bits,
                                               granularity="group" if config.group_size else "channel",
@@ -199,7 +188,7 @@ def gptq_block_from_disk(ckpt: ShardedCheckpoint, arch: Any, hf_config: Any, ind
         trim_heap()
     hooks = []
     for name, layer in packed.items():          # the next block's inputs through the packed kernels, as in memory
-        _install(block, name, layer)
+        block.set_submodule(name, layer)
         layer.prepare()
         trim_heap()                             # the kernel layout's conversion temporaries
         hooks.append(layer.register_forward_hook(lambda *_: trim_heap()))

@@ -62,7 +62,7 @@ struct Layer {
 
 struct Buffers {
   std::vector<Floats> act;  // act[i]: layer i's input (padded NHWC for a conv, flat for a linear)
-  Floats rows;              // scratch: two conv output rows
+  Floats rows;              // scratch: one unpooled conv output row
   Floats partial;           // this thread's share of the first Linear's sums (batch-1 split mode)
 };
 
@@ -173,20 +173,21 @@ void pooled_block(const Layer& L, const float* in, int row, int p0, int co0, con
   }
 }
 
-// One pooled row's channel vectors [co0, co0 + 16 CV) through pooled blocks (7 outputs for one vector, 3 for two).
+// One pooled row's channel vectors [co0, co0 + 16 CV) through pooled blocks (4 outputs for one vector, 3 for two,
+// 1 for four), then the last 1-3.
 template <int CV, bool C1>
 void pooled_row(const Layer& L, const float* in, int row, int co0, const Dest& d) {
   constexpr int P = CV == 1 ? 4 : CV == 2 ? 3 : 1;
   const int pw = L.pw();
   int p = 0;
   for (; p + P <= pw; p += P) pooled_block<P, CV, C1>(L, in, row, p, co0, d);
-  static constexpr decltype(&pooled_block<1, CV, C1>) tails[7] = {
-      nullptr, pooled_block<1, CV, C1>, pooled_block<2, CV, C1>, pooled_block<3, CV, C1>, pooled_block<4, CV, C1>,
-      pooled_block<5, CV, C1>, pooled_block<6, CV, C1>};
+  static constexpr decltype(&pooled_block<1, CV, C1>) tails[4] = {  // by the count left, which is below P <= 4
+      nullptr, pooled_block<1, CV, C1>, pooled_block<2, CV, C1>, pooled_block<3, CV, C1>};
   if (p < pw) tails[pw - p](L, in, row, p, co0, d);
 }
 
-// Work item i of a conv layer: one output (pooled) row x one group of `cv` channel vectors.
+// Work item of a conv layer: one output (pooled) row x one group of `cv` channel vectors. A pooled layer works in
+// registers (pooled_row); an unpooled one writes its conv row to `scratch`, then to its destination.
 void conv_item(const Layer& L, const float* in, int row, int co0, int cv, const Dest& d, float* scratch) {
   if (L.pool) {
     static constexpr decltype(&pooled_row<1, false>) pooled[2][5] = {  // by (one input channel, channel vectors)
@@ -194,32 +195,15 @@ void conv_item(const Layer& L, const float* in, int row, int co0, int cv, const 
         {nullptr, pooled_row<1, true>, pooled_row<2, true>, nullptr, pooled_row<4, true>}};
     return pooled[L.cin == 1][cv](L, in, row, co0, d);
   }
-  const int coutp = round16(L.cout), n = cv * 16;
-  const int conv_rows = L.pool ? 2 : 1;
-  for (int r = 0; r < conv_rows; ++r) {
-    float* out = scratch + (size_t)r * L.w_out * coutp;
-    const int y = row * conv_rows + r;
-    static constexpr decltype(&conv_row<1, false>) rows[2][5] = {  // by (one input channel, channel vectors)
-        {nullptr, conv_row<1, false>, conv_row<2, false>, nullptr, conv_row<4, false>},
-        {nullptr, conv_row<1, true>, conv_row<2, true>, nullptr, conv_row<4, true>}};
-    rows[L.cin == 1][cv](L, in, y, co0, out);
-  }
-  const int ch = std::min(n, L.cout - co0);
+  static constexpr decltype(&conv_row<1, false>) rows[2][5] = {  // by (one input channel, channel vectors)
+      {nullptr, conv_row<1, false>, conv_row<2, false>, nullptr, conv_row<4, false>},
+      {nullptr, conv_row<1, true>, conv_row<2, true>, nullptr, conv_row<4, true>}};
+  rows[L.cin == 1][cv](L, in, row, co0, scratch);
+  const int coutp = round16(L.cout), ch = std::min(cv * 16, L.cout - co0);
   for (int col = 0; col < L.pw(); ++col) {
     float* dst = d.at(row, col) + co0;
-    for (int c = 0; c < ch; c += 16) {
-      const __mmask16 m = tail_mask(ch - c);
-      __m512 v;
-      if (L.pool) {
-        const float* a = scratch + (size_t)(2 * col) * coutp + co0 + c;
-        const float* b = scratch + ((size_t)L.w_out + 2 * col) * coutp + co0 + c;
-        v = _mm512_max_ps(_mm512_max_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(a + coutp)),
-                          _mm512_max_ps(_mm512_loadu_ps(b), _mm512_loadu_ps(b + coutp)));
-      } else {
-        v = _mm512_loadu_ps(scratch + (size_t)col * coutp + co0 + c);
-      }
-      _mm512_mask_storeu_ps(dst + c, m, v);
-    }
+    for (int c = 0; c < ch; c += 16)
+      _mm512_mask_storeu_ps(dst + c, tail_mask(ch - c), _mm512_loadu_ps(scratch + (size_t)col * coutp + co0 + c));
   }
 }
 
@@ -287,7 +271,7 @@ struct Net {
         const Layer& L = layers[i];
         if (L.kind == 0) {
           b.act[i].assign((size_t)(L.h + 2 * L.pad) * (L.w + 2 * L.pad) * L.cin, 0.f);  // borders stay zero
-          widest = std::max(widest, (size_t)2 * L.w_out * round16(L.cout));
+          if (!L.pool) widest = std::max(widest, (size_t)L.w_out * round16(L.cout));  // one unpooled conv row
         } else {
           b.act[i].assign(round16(L.in), 0.f);
         }
