@@ -19,7 +19,9 @@ def load_library() -> ctypes.CDLL:
     lib.nsd_create.restype = p
     lib.nsd_create.argtypes = [i, i, i, i, i, i, i, i, i, f, f, p, p, p, p]
     lib.nsd_set_matrix.restype = None
-    lib.nsd_set_matrix.argtypes = [p, i, i, p, p, p, p, i, i, i, i, i]
+    lib.nsd_set_shard.restype = None
+    lib.nsd_set_shard.argtypes = [p, i, i, i, i, i, i, i]
+    lib.nsd_set_matrix.argtypes = [p, i, i, i, p, p, p, p, i, i, i, i, i]
     lib.nsd_set_norms.restype = None
     lib.nsd_set_norms.argtypes = [p, i, p, p, p, p]
     lib.nsd_forward.restype = i

@@ -2,16 +2,19 @@
 //
 // Decoding one token reads every weight once, so it is bound by memory bandwidth, and at SmolLM2's sizes by the
 // per-call cost of a framework too. This file runs a whole token (embedding row, every block, the head) in one
-// call, on a pool of threads that meet at spin barriers between phases:
+// call, on a pool of threads, each with its shard of every block (tensor parallelism: its heads' attention and a
+// slice of the MLP, see Shard), that meet at a spin barrier twice per block to add their partial sums:
 //   - activations are quantized to int8 per block of 64 columns (absmax / 127), as llama.cpp's Q8 does per 32;
 //   - weights stay on their own grid w = (code - zero) * scale, codes unsigned, so one AVX-512 VNNI instruction
 //     (vpdpbusd: u8 codes x s8 activations) does 64 multiply-adds, and the zero point is applied once per group:
 //       y_r = sum_b a_b s_{r,g(b)} sum_{k in b} code_k q_k  +  sum_g m_{r,g} sum_{b in g} a_b sum_{k in b} q_k
 //     with m = -scale * zero;
-//   - weights are stored by tiles of 16 rows so that each VNNI lane is one row (see gemv_tiles);
+//   - weights are stored by tiles of 16 rows so that each VNNI lane is one row (see gemv_tiles), each thread's in
+//     the order it reads them, and asked for 8 KiB ahead of the reads; during attention, which reads no weights,
+//     a thread pulls its o_proj slice into L2;
 //   - attention, RoPE, RMSNorm and SiLU run in float32, next to a float16 KV cache.
-// The Python side (native/decoder.py, layout.py, build.py) builds the layouts, compiles this file and checks the
-// model before handing it pointers.
+// The Python side (native/decoder.py, shards.py, layout.py, build.py) splits the blocks, builds the layouts,
+// compiles this file and checks the model before handing it pointers.
 #include <immintrin.h>
 
 #include "pool.h"
@@ -98,6 +101,11 @@ std::pair<int, int> thread_rows(int n, int threads, int t) {
 // then reads its rows as one sequential stream, which the hardware prefetcher follows; four separate tile streams
 // of a few KiB each restarted it every few KiB (1.4-1.5x slower). Scales (float32) and zero points (uint8) are
 // stored [tile][group][16].
+// How far ahead of its reads a thread asks for its weights (into L2). The hardware prefetcher alone leaves one
+// core well below the rate it can stream: +8% tokens/s on one thread, +4-8% on two, measured at 4-16 KiB ahead
+// (8 KiB best); 512 B ahead was 13% slower. Past the end of a matrix it reads into the thread's next one.
+constexpr int kPrefetchAhead = 8192;
+
 template <int NT, int BITS>
 inline void gemv_tiles(const Matrix& m, const QAct& x, const float* xg, int tile0, int r_end, float* y) {
   const int K = m.cols;
@@ -117,6 +125,8 @@ inline void gemv_tiles(const Matrix& m, const QAct& x, const float* xg, int tile
       std::memcpy(&lo_bytes, q + k, 4);
       std::memcpy(&hi_bytes, q + k + 4, 4);
       const __m512i xl = _mm512_set1_epi32(lo_bytes), xh = _mm512_set1_epi32(hi_bytes);
+      const char* ahead = (const char*)(w[0] + (size_t)(k / (BITS == 4 ? 8 : 4)) * 64 * NT) + kPrefetchAhead;
+      for (int t = 0; t < NT * (BITS == 4 ? 1 : 2); ++t) _mm_prefetch(ahead + 64 * t, _MM_HINT_T1);
       for (int t = 0; t < NT; ++t) {
         if (BITS == 4) {  // high nibbles stay in place: acc1 sums 16 x code x q, divided out once per block
           const __m512i v = _mm512_loadu_si512(w[t] + (size_t)(k / 8) * 64 * NT);
@@ -200,25 +210,65 @@ void rope(float* x, const float* cos, const float* sin, int d) {
   for (int i = 0; i < d; ++i) x[i] = x[i] * cos[i] + tmp[i] * sin[i];
 }
 
-struct Layer {
-  Matrix qkv, o, gate_up, down;
+// x[0..n) += sum over t of parts[t * stride + 0..n), the parts added in thread order (every thread gets the same x).
+void add_parts(float* x, const float* parts, size_t stride, int threads, int n) {
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 mask = tail_mask(n - i);
+    __m512 sum = _mm512_maskz_loadu_ps(mask, parts + i);
+    for (int t = 1; t < threads; ++t) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, parts + t * stride + i));
+    _mm512_mask_storeu_ps(x + i, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, x + i), sum));
+  }
+}
+
+// Pulls a matrix's bytes into L2 a few cache lines at a time, from inside work that reads no weights (attention),
+// so that memory is not idle while it runs.
+struct Prefetcher {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  void start(const Matrix& m) {
+    next = reinterpret_cast<const char*>(m.codes);
+    end = next + (size_t)((m.rows + 15) / 16) * 16 * m.cols * m.bits / 8;
+  }
+  void ahead(int lines) {
+    for (; lines > 0 && next < end; --lines, next += 64) _mm_prefetch(next, _MM_HINT_T1);
+  }
+};
+
+struct Norms {
   const float *norm1 = nullptr, *norm2 = nullptr, *q_norm = nullptr, *k_norm = nullptr;
+};
+
+// A thread's shard of every block, as in Megatron-style tensor parallelism: q heads [h0, h1) with the kv heads
+// [j0, j1) they read (a kv head shared by two shards is computed by both), and intermediate rows [i0, i1) of the
+// MLP. Its q/k/v and gate/up matrices hold its rows; its o and down matrices hold their columns for its heads
+// and its intermediate rows, so their products are partial sums of the residual update. Threads meet twice per
+// block, to add those partial sums, instead of before and after every matrix. A shard has its own KV cache and
+// its own copy of the residual stream.
+struct Shard {
+  int h0 = 0, h1 = 0, j0 = 0, j1 = 0, i0 = 0, i1 = 0;
+  struct Mats {
+    Matrix qkv, o, gate_up, down;
+  };
+  std::vector<Mats> mats;
+  std::vector<float> x, normed, qkv, attn, gu, hbuf, scores;
+  std::vector<uint16_t> k_cache, v_cache;  // float16, as llama.cpp's default cache
+  QAct act, act_attn, act_ffn;
 };
 
 struct Decoder {
   int layers, hidden, heads, kv_heads, head_dim, inter, vocab, max_len;
   float eps, scaling;
   const float *embed, *cos, *sin, *final_norm;
-  std::vector<Layer> blocks;
+  std::vector<Norms> norms;
+  std::vector<Shard> shards;
   Matrix head;
-  std::vector<float> x, qkv, attn, gu, hbuf, logits;
-  std::vector<uint16_t> k_cache, v_cache;   // float16, as llama.cpp's default cache
-  QAct act_h, act_ffn;              // shared between threads (written block-split, read after a barrier)
-  std::vector<QAct> act_local;      // per thread: the normed residual or attention output
-  std::vector<std::vector<float>> normed, scores;
+  std::vector<float> logits;
+  std::vector<float> parts_storage;  // per thread: the partial residual update (attention, then MLP)
+  float* parts = nullptr;
+  size_t part_stride = 0;
   std::vector<float> best_value;
   std::vector<int> best_index;
-  static constexpr int kPhases = 14;
+  static constexpr int kPhases = 10;
   std::vector<uint64_t> cycles;     // per thread and phase: time stamp counter ticks (see nsd_profile)
   Pool pool;
 
@@ -230,54 +280,56 @@ struct Decoder {
 
   Decoder(int L, int hid, int H, int KV, int D, int I, int V, int T, int threads, float e, float sc)
       : layers(L), hidden(hid), heads(H), kv_heads(KV), head_dim(D), inter(I), vocab(V), max_len(T), eps(e),
-        scaling(sc), blocks(L), pool(threads) {
-    x.assign(hid, 0.f);
-    qkv.assign((H + 2 * KV) * D, 0.f);
-    attn.assign(H * D, 0.f);
-    gu.assign(2 * I, 0.f);
-    hbuf.assign(I, 0.f);
+        scaling(sc), norms(L), shards(threads), pool(threads) {
     logits.assign(V, 0.f);
-    k_cache.assign((size_t)L * KV * D * key_stride(), 0);
-    v_cache.assign((size_t)L * KV * T * D, 0);
-    act_ffn.resize(I);
-    act_local.resize(threads);
-    normed.resize(threads);
-    scores.resize(threads);
-    for (int t = 0; t < threads; ++t) {
-      act_local[t].resize(std::max(hid, H * D));
-      normed[t].assign(std::max(hid, H * D), 0.f);
-      scores[t].assign(T, 0.f);
-    }
+    part_stride = ((size_t)hid + 15) / 16 * 16;                       // each thread's part on its own cache lines
+    parts_storage.assign(2 * threads * part_stride + 16, 0.f);  // attention's, then the MLP's
+    parts = parts_storage.data() + ((64 - (uintptr_t)parts_storage.data() % 64) % 64) / sizeof(float);
     best_value.assign(threads, 0.f);
     best_index.assign(threads, 0);
     cycles.assign(threads * kPhases, 0);
+  }
+
+  // Size a shard's buffers once its ranges are known.
+  void set_shard(int t, int h0, int h1, int j0, int j1, int i0, int i1) {
+    Shard& s = shards[t];
+    s.h0 = h0, s.h1 = h1, s.j0 = j0, s.j1 = j1, s.i0 = i0, s.i1 = i1;
+    const int D = head_dim, nh = h1 - h0, nkv = j1 - j0, ni = i1 - i0;
+    s.mats.assign(layers, {});
+    s.x.assign(hidden, 0.f);
+    s.normed.assign(hidden, 0.f);
+    s.qkv.assign((nh + 2 * nkv) * D + 16, 0.f);
+    s.attn.assign(nh * D + 16, 0.f);
+    s.gu.assign(2 * ni + 16, 0.f);
+    s.hbuf.assign(ni + 16, 0.f);
+    s.scores.assign(max_len + 16, 0.f);
+    s.k_cache.assign((size_t)layers * nkv * D * key_stride(), 0);
+    s.v_cache.assign((size_t)layers * nkv * max_len * D, 0);
+    s.act.resize(hidden);
+    s.act_attn.resize(std::max(1, nh * D));
+    s.act_ffn.resize(std::max(1, ni));
   }
 
   // Keys are stored [layer][kv head][D][key_stride]: padded past max_len so that reading 16 positions at a time
   // stays inside, and so that the D rows do not all fall into the same few L1 cache sets.
   size_t key_stride() const { return (size_t)max_len + 16; }
 
-  std::pair<int, int> rows(int n, int t) const { return thread_rows(n, pool.size(), t); }
+  static void quantize_all(const float* x, int n, QAct& qa) { quantize_blocks(x, n, 0, (n + kBlock - 1) / kBlock, qa); }
 
-  void normed_act(const float* w, int t) {  // every thread: rms_norm(x) * w, quantized into act_local[t]
-    rms_norm(x.data(), w, hidden, eps, normed[t].data());
-    quantize_blocks(normed[t].data(), hidden, 0, (hidden + kBlock - 1) / kBlock, act_local[t]);
-  }
-
-  // Phase 1 (before a barrier): normalize and rotate this thread's k heads into the cache, and its q heads.
-  void rotate(int l, int pos, int t) {
-    const int D = head_dim;
+  // Normalize and rotate the shard's q heads and kv heads (k and v into its cache at pos), then attend.
+  void attention(Shard& s, int l, int pos, Prefetcher& pf) {
+    const int D = head_dim, group = heads / kv_heads, nh = s.h1 - s.h0, nkv = s.j1 - s.j0;
     const float* c = cos + (size_t)pos * D;
-    const float* s = sin + (size_t)pos * D;
-    const Layer& b = blocks[l];
-    for (int j = t; j < kv_heads; j += pool.size()) {
-      float* k = qkv.data() + (heads + j) * D;
-      if (b.k_norm) rms_norm(k, b.k_norm, D, eps, k);
-      rope(k, c, s, D);
-      const size_t head = (size_t)l * kv_heads + j;
-      uint16_t* kc = k_cache.data() + head * D * key_stride();
-      uint16_t* vc = v_cache.data() + (head * max_len + pos) * D;
-      const float* v = qkv.data() + (heads + kv_heads + j) * D;
+    const float* sn = sin + (size_t)pos * D;
+    const Norms& nm = norms[l];
+    for (int jj = 0; jj < nkv; ++jj) {
+      float* k = s.qkv.data() + (nh + jj) * D;
+      if (nm.k_norm) rms_norm(k, nm.k_norm, D, eps, k);
+      rope(k, c, sn, D);
+      const size_t head = (size_t)l * nkv + jj;
+      uint16_t* kc = s.k_cache.data() + head * D * key_stride();
+      uint16_t* vc = s.v_cache.data() + (head * max_len + pos) * D;
+      const float* v = s.qkv.data() + (nh + nkv + jj) * D;
       for (int i = 0; i < D; i += 16) {
         alignas(64) uint16_t kh[16];
         _mm256_store_si256((__m256i*)kh, to_half(_mm512_loadu_ps(k + i)));
@@ -285,22 +337,14 @@ struct Decoder {
         _mm256_storeu_si256((__m256i*)(vc + i), to_half(_mm512_loadu_ps(v + i)));
       }
     }
-    for (int h = t; h < heads; h += pool.size()) {
-      float* q = qkv.data() + h * D;
-      if (b.q_norm) rms_norm(q, b.q_norm, D, eps, q);
-      rope(q, c, s, D);
-    }
-  }
-
-  // Phase 2: softmax(q k^T * scaling) v for this thread's q heads, over positions 0..pos.
-  void attention(int l, int pos, int t) {
-    const int D = head_dim, group = heads / kv_heads;
-    for (int h = t; h < heads; h += pool.size()) {
-      const int j = h / group;
-      const uint16_t* kc = k_cache.data() + ((size_t)l * kv_heads + j) * D * key_stride();
-      const uint16_t* vc = v_cache.data() + (((size_t)l * kv_heads + j) * max_len) * D;
-      const float* q = qkv.data() + h * D;
-      float* sc = scores[t].data();
+    for (int hh = 0; hh < nh; ++hh) {
+      float* q = s.qkv.data() + hh * D;
+      if (nm.q_norm) rms_norm(q, nm.q_norm, D, eps, q);
+      rope(q, c, sn, D);
+      const int jj = (s.h0 + hh) / group - s.j0;
+      const uint16_t* kc = s.k_cache.data() + ((size_t)l * nkv + jj) * D * key_stride();
+      const uint16_t* vc = s.v_cache.data() + (((size_t)l * nkv + jj) * max_len) * D;
+      float* sc = s.scores.data();
       __m512 vmax = _mm512_set1_ps(-INFINITY);
       for (int p = 0; p <= pos; p += 16) {       // 16 positions at once: keys are stored transposed
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -308,6 +352,7 @@ struct Decoder {
           acc0 = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), from_half(kc + i * key_stride() + p), acc0);
           acc1 = _mm512_fmadd_ps(_mm512_set1_ps(q[i + 1]), from_half(kc + (i + 1) * key_stride() + p), acc1);
         }
+        pf.ahead(8);
         const __mmask16 mask = tail_mask(pos + 1 - p);
         const __m512 v = _mm512_mul_ps(_mm512_add_ps(acc0, acc1), _mm512_set1_ps(scaling));
         _mm512_mask_storeu_ps(sc + p, mask, v);
@@ -323,93 +368,94 @@ struct Decoder {
         vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(mask, e));
       }
       const float inv_sum = 1.f / _mm512_reduce_add_ps(vsum);
-      float* out = attn.data() + h * D;
+      float* out = s.attn.data() + hh * D;
       if (D == 64)
-        weighted_sum<4>(sc, vc, pos + 1, D, inv_sum, out);
+        weighted_sum<4>(sc, vc, pos + 1, D, inv_sum, out, pf);
       else if (D == 128)
-        weighted_sum<8>(sc, vc, pos + 1, D, inv_sum, out);
+        weighted_sum<8>(sc, vc, pos + 1, D, inv_sum, out, pf);
       else
-        for (int i = 0; i < D; i += 16) weighted_sum<1>(sc, vc + i, pos + 1, D, inv_sum, out + i);
+        for (int i = 0; i < D; i += 16) weighted_sum<1>(sc, vc + i, pos + 1, D, inv_sum, out + i, pf);
     }
   }
 
   // out[0..16C) = scale * sum_p w[p] v[p * stride + 0..16C): C independent accumulators.
   template <int C>
-  static void weighted_sum(const float* w, const uint16_t* v, int n, int stride, float scale, float* out) {
+  static void weighted_sum(const float* w, const uint16_t* v, int n, int stride, float scale, float* out,
+                           Prefetcher& pf) {
     __m512 acc[C];
     for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
     for (int p = 0; p < n; ++p) {
+      pf.ahead(2);
       const __m512 wp = _mm512_set1_ps(w[p]);
       for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(wp, from_half(v + (size_t)p * stride + 16 * c), acc[c]);
     }
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], _mm512_set1_ps(scale)));
   }
 
-  // One token at position pos; with want_logits the head runs and best_* hold each thread's argmax.
+  // The product of a shard's column slice (o or down): its partial update of the residual, zeros if it has none.
+  void partial_product(const Matrix& m, const QAct& act, float* part) {
+    if (m.rows && m.cols)
+      gemv(m, act, 0, m.rows, part);
+    else
+      std::fill(part, part + hidden, 0.f);
+  }
+
+  // One token at position pos on thread t; with want_logits the head runs and best_* hold each thread's argmax.
   void step(int token, int pos, bool want_logits, int t) {
-    if (t == 0) std::memcpy(x.data(), embed + (size_t)token * hidden, hidden * sizeof(float));
-    pool.barrier();
+    Shard& s = shards[t];
+    const int T = pool.size(), nh = s.h1 - s.h0, ni = s.i1 - s.i0;
+    float* part = parts + t * part_stride;
+    std::memcpy(s.x.data(), embed + (size_t)token * hidden, hidden * sizeof(float));
     uint64_t clock = __rdtsc();
     for (int l = 0; l < layers; ++l) {
-      Layer& b = blocks[l];
-      normed_act(b.norm1, t);
+      const Shard::Mats& m = s.mats[l];
+      rms_norm(s.x.data(), norms[l].norm1, hidden, eps, s.normed.data());
+      quantize_all(s.normed.data(), hidden, s.act);
       mark(t, 0, clock);
-      auto [r0, r1] = rows(b.qkv.rows, t);
-      gemv(b.qkv, act_local[t], r0, r1, qkv.data());
+      if (nh) gemv(m.qkv, s.act, 0, m.qkv.rows, s.qkv.data());
       mark(t, 1, clock);
-      pool.barrier();
+      Prefetcher pf;
+      pf.start(m.o);
+      if (nh) attention(s, l, pos, pf);
       mark(t, 2, clock);
-      rotate(l, pos, t);
-      pool.barrier();
-      attention(l, pos, t);
+      if (nh) quantize_all(s.attn.data(), nh * head_dim, s.act_attn);
+      partial_product(m.o, s.act_attn, part);
       mark(t, 3, clock);
       pool.barrier();
       mark(t, 4, clock);
-      quantize_blocks(attn.data(), heads * head_dim, 0, (heads * head_dim + kBlock - 1) / kBlock, act_local[t]);
-      std::tie(r0, r1) = rows(b.o.rows, t);
-      gemv(b.o, act_local[t], r0, r1, normed[t].data());
-      for (int r = r0; r < r1; ++r) x[r] += normed[t][r];
+      add_parts(s.x.data(), parts, part_stride, T, hidden);
+      rms_norm(s.x.data(), norms[l].norm2, hidden, eps, s.normed.data());
+      quantize_all(s.normed.data(), hidden, s.act);
+      if (ni) gemv(m.gate_up, s.act, 0, m.gate_up.rows, s.gu.data());
       mark(t, 5, clock);
-      pool.barrier();
+      for (int i = 0; i < ni; i += 16) {   // silu(gate) * up
+        const __mmask16 mask = tail_mask(ni - i);
+        const __m512 g = _mm512_maskz_loadu_ps(mask, s.gu.data() + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+        const __m512 up = _mm512_maskz_loadu_ps(mask, s.gu.data() + ni + i);
+        _mm512_mask_storeu_ps(s.hbuf.data() + i, mask, _mm512_mul_ps(silu, up));
+      }
+      if (ni) quantize_all(s.hbuf.data(), ni, s.act_ffn);
       mark(t, 6, clock);
-      normed_act(b.norm2, t);
-      std::tie(r0, r1) = rows(b.gate_up.rows, t);
-      gemv(b.gate_up, act_local[t], r0, r1, gu.data());
+      partial_product(m.down, s.act_ffn, part + (size_t)T * part_stride);
       mark(t, 7, clock);
       pool.barrier();
       mark(t, 8, clock);
-      const int nb = (inter + kBlock - 1) / kBlock, per = (nb + pool.size() - 1) / pool.size();
-      const int b0 = std::min(nb, t * per), b1 = std::min(nb, b0 + per);
-      for (int i = b0 * kBlock; i < std::min(inter, b1 * kBlock); i += 16) {   // silu(gate) * up
-        const __mmask16 mask = tail_mask(std::min(inter, b1 * kBlock) - i);
-        const __m512 g = _mm512_maskz_loadu_ps(mask, gu.data() + i);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
-        const __m512 up = _mm512_maskz_loadu_ps(mask, gu.data() + inter + i);
-        _mm512_mask_storeu_ps(hbuf.data() + i, mask, _mm512_mul_ps(silu, up));
-      }
-      quantize_blocks(hbuf.data(), inter, b0, b1, act_ffn);
-      mark(t, 9, clock);
-      pool.barrier();
-      mark(t, 10, clock);
-      std::tie(r0, r1) = rows(b.down.rows, t);
-      gemv(b.down, act_ffn, r0, r1, normed[t].data());
-      for (int r = r0; r < r1; ++r) x[r] += normed[t][r];
-      mark(t, 11, clock);
-      pool.barrier();
-      mark(t, 12, clock);
+      add_parts(s.x.data(), parts + (size_t)T * part_stride, part_stride, T, hidden);
     }
     if (!want_logits) return;
     clock = __rdtsc();
-    normed_act(final_norm, t);
-    auto [r0, r1] = rows(head.rows, t);
-    gemv(head, act_local[t], r0, r1, logits.data());
+    rms_norm(s.x.data(), final_norm, hidden, eps, s.normed.data());
+    quantize_all(s.normed.data(), hidden, s.act);
+    auto [r0, r1] = thread_rows(head.rows, T, t);
+    gemv(head, s.act, r0, r1, logits.data());
     int best = r0;
     for (int r = r0; r < r1; ++r)
       if (logits[r] > logits[best]) best = r;
     best_index[t] = best;
     best_value[t] = r1 > r0 ? logits[best] : -INFINITY;
-    mark(t, 13, clock);
+    mark(t, 9, clock);
   }
 };
 
@@ -433,22 +479,28 @@ void* nsd_create(int layers, int hidden, int heads, int kv_heads, int head_dim, 
   return d;
 }
 
-// which: 0 qkv, 1 o, 2 gate_up, 3 down, 4 head (layer ignored)
-void nsd_set_matrix(void* handle, int layer, int which, const uint8_t* codes, const float* scales, const uint8_t* zeros,
-                    const float* bias, int rows, int cols, int bits, int groups, int blocks_per_group) {
+// Thread t's shard: q heads [h0, h1), kv heads [j0, j1), intermediate rows [i0, i1); call before its matrices.
+void nsd_set_shard(void* handle, int t, int h0, int h1, int j0, int j1, int i0, int i1) {
+  static_cast<Decoder*>(handle)->set_shard(t, h0, h1, j0, j1, i0, i1);
+}
+
+// which: 0 qkv, 1 o, 2 gate_up, 3 down of thread t's shard of a layer; 4 the head (thread and layer ignored)
+void nsd_set_matrix(void* handle, int t, int layer, int which, const uint8_t* codes, const float* scales,
+                    const uint8_t* zeros, const float* bias, int rows, int cols, int bits, int groups,
+                    int blocks_per_group) {
   auto* d = static_cast<Decoder*>(handle);
   Matrix m = make_matrix(codes, scales, zeros, bias, rows, cols, bits, groups, blocks_per_group);
   if (which == 4) {
     d->head = m;
     return;
   }
-  Layer& b = d->blocks[layer];
+  Shard::Mats& b = d->shards[t].mats[layer];
   (which == 0 ? b.qkv : which == 1 ? b.o : which == 2 ? b.gate_up : b.down) = m;
 }
 
 void nsd_set_norms(void* handle, int layer, const float* norm1, const float* norm2, const float* q_norm,
                    const float* k_norm) {
-  Layer& b = static_cast<Decoder*>(handle)->blocks[layer];
+  Norms& b = static_cast<Decoder*>(handle)->norms[layer];
   b.norm1 = norm1, b.norm2 = norm2, b.q_norm = q_norm, b.k_norm = k_norm;
 }
 
@@ -480,11 +532,11 @@ void nsd_generate(void* handle, const int64_t* ids, int n, int new_tokens, int64
   }
 }
 
+
 void nsd_destroy(void* handle) { delete static_cast<Decoder*>(handle); }
 
-// Time stamp counter ticks per thread and phase since the last call (threads x 14, then reset): 0 norm and
-// quantize, 1 q/k/v, 2 wait, 3 attention, 4 wait, 5 o_proj, 6 wait, 7 norm + gate/up, 8 wait, 9 SiLU, 10 wait,
-// 11 down, 12 wait, 13 head.
+// Time stamp counter ticks per thread and phase since the last call (threads x 10, then reset): 0 norm and
+// quantize, 1 q/k/v, 2 attention, 3 o_proj, 4 wait, 5 norm + gate/up, 6 SiLU, 7 down, 8 wait, 9 head.
 void nsd_profile(void* handle, uint64_t* out) {
   auto* d = static_cast<Decoder*>(handle);
   std::memcpy(out, d->cycles.data(), d->cycles.size() * sizeof(uint64_t));

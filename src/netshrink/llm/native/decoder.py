@@ -3,8 +3,10 @@
 `LeanDecoder` removed transformers' per-layer machinery, yet still pays about 10 us of dispatch per kernel call
 and per small op: some 400 calls a token on SmolLM2, several times the time its weights take to stream. Here
 the whole token runs natively, on this machine's threads, with activations quantized to int8 per block of 64
-so the VNNI dot products read the packed codes directly. Logits differ from the model's forward by that
-activation rounding (tests bound it); the weights are the model's own grid, untouched.
+so the VNNI dot products read the packed codes directly. Each thread owns a shard of every block (its heads and
+a slice of the MLP: shards.py), so threads meet twice per block rather than around every matrix. Logits differ
+from the model's forward by that activation rounding (tests bound it), and between thread counts by the order in
+which the shards' partial sums are added; the weights are the model's own grid, untouched.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from netshrink.llm.arch import arch_of
 from netshrink.llm.decode import check_length, sliding_window
 from netshrink.llm.fuse import FusedSlice
 from netshrink.llm.native.build import load_library, missing_cpu_flags
-from netshrink.llm.native.layout import NativeMatrix, native_matrix
+from netshrink.llm.native.layout import NativeMatrix, check_native, layout_nbytes, native_matrix
+from netshrink.llm.native.shards import grid_columns, grid_rows, plan_shards
 from netshrink.llm.packed_linear import PackedLinear
 from netshrink.llm.packing import QuantizedWeight
 
@@ -38,8 +41,8 @@ def _grid(module: nn.Module, name: str) -> tuple[QuantizedWeight, torch.Tensor |
     return module.quantized_weight(), module.bias
 
 
-def _stacked(modules: list[nn.Module], names: list[str], threads: int) -> NativeMatrix:
-    """Sibling projections (q/k/v or gate/up) as one matrix whose rows are theirs in order."""
+def _stacked(modules: list[nn.Module], names: list[str]) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    """Sibling projections (q/k/v or gate/up) as one grid whose rows are theirs in order, with its bias."""
     if all(isinstance(m, FusedSlice) for m in modules) and len({id(m._shared[0]) for m in modules}) == 1:
         modules, names = [modules[0]._shared[0].fused], [names[0] + " (fused)"]
     grids = [_grid(m, n) for m, n in zip(modules, names)]
@@ -55,13 +58,17 @@ def _stacked(modules: list[nn.Module], names: list[str], threads: int) -> Native
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([b.float() if b is not None else torch.zeros(g.shape[0]) for (g, _), b in zip(grids, biases)])
-    return native_matrix(qw, bias, where=names[0], threads=threads)
+    return qw, bias
+
+
+def _bias_rows(bias: torch.Tensor | None, ranges: list[tuple[int, int]]) -> torch.Tensor | None:
+    return None if bias is None else torch.cat([bias[a:b] for a, b in ranges])
 
 
 HUGE_PAGE = 2 << 20
 
 
-def _huge_page_arena(entries: list[tuple[int, int, NativeMatrix]]) -> torch.Tensor | None:
+def _huge_page_arena(entries: list[tuple[int, int, int, NativeMatrix]]) -> torch.Tensor | None:
     """Move every matrix's tensors into one buffer backed by 2 MiB pages where the kernel allows (Linux, THP in
     "madvise" or "always" mode): a token streams all the weights, and with 4 KiB pages it would cross one TLB
     entry per 4 KiB. Returns the buffer (kept alive by the decoder), or None where madvise is unavailable."""
@@ -70,7 +77,7 @@ def _huge_page_arena(entries: list[tuple[int, int, NativeMatrix]]) -> torch.Tens
         madvise = libc.madvise
     except (OSError, AttributeError):
         return None
-    slots = [(m, name) for _, _, m in entries for name in ("codes", "scales", "zeros")]
+    slots = [(m, name) for *_, m in entries for name in ("codes", "scales", "zeros")]
     sizes = [getattr(m, name).numel() * getattr(m, name).element_size() for m, name in slots]
     total = sum(-(-n // 64) * 64 for n in sizes)                   # each tensor starts on a cache line
     arena = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)     # large: mmap'd, pages not touched yet
@@ -125,36 +132,28 @@ class NativeDecoder:
         self.keep: list[torch.Tensor] = [self.embed, self.cos, self.sin]
         self.final_norm = self._vector(final_norm.weight)
         self.matrices: list[NativeMatrix] = []
-        self._pending: list[tuple[int, int, NativeMatrix]] = []
-        inter = None
+        self._pending: list[tuple[int, int, int, NativeMatrix]] = []
         first = blocks[0].self_attn
         scaling = float(first.scaling)
-        handle = self.lib.nsd_create(len(blocks), self.hidden, self.heads, self.kv_heads, self.head_dim,
-                                     blocks[0].mlp.down_proj.in_features, self.vocab, max_len, self.threads,
+        H, KV, D, t = self.heads, self.kv_heads, self.head_dim, self.threads
+        o_grid = _grid(first.o_proj, f"{arch.layers}.0.self_attn.o_proj")[0]
+        down_grid = _grid(blocks[0].mlp.down_proj, f"{arch.layers}.0.mlp.down_proj")[0]
+        inter = down_grid.shape[1]
+        self.shards = plan_shards(H, KV, D, inter, o_grid.group_size, down_grid.group_size, t)
+        handle = self.lib.nsd_create(len(blocks), self.hidden, H, KV, D, inter, self.vocab, max_len, t,
                                      self.eps, scaling, _ptr(self.embed), _ptr(self.cos), _ptr(self.sin),
                                      _ptr(self.final_norm))
         self._handle = handle
-        t = self.threads
+        for k, sh in enumerate(self.shards):
+            self.lib.nsd_set_shard(handle, k, sh.h0, sh.h1, sh.j0, sh.j1, sh.i0, sh.i1)
+        self._unique_bytes = 0
+        self.shard_matrices: list[list[dict[int, NativeMatrix]]] = [[{} for _ in blocks] for _ in range(t)]
         for i, block in enumerate(blocks):
             p = f"{arch.layers}.{i}"
-            attn, mlp = block.self_attn, block.mlp
-            if float(attn.scaling) != scaling:
+            if float(block.self_attn.scaling) != scaling:
                 raise NetshrinkError("blocks differ in attention scaling", where=f"{p}.self_attn")
-            parts = {
-                QKV: _stacked([attn.q_proj, attn.k_proj, attn.v_proj], [f"{p}.self_attn.{n}_proj" for n in "qkv"], t),
-                O: native_matrix(*_grid(attn.o_proj, f"{p}.self_attn.o_proj"), f"{p}.self_attn.o_proj", t),
-                GATE_UP: _stacked([mlp.gate_proj, mlp.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], t),
-                DOWN: native_matrix(*_grid(mlp.down_proj, f"{p}.mlp.down_proj"), f"{p}.mlp.down_proj", t),
-            }
-            inter = inter or parts[DOWN].cols
-            expected = {QKV: ((self.heads + 2 * self.kv_heads) * self.head_dim, self.hidden),
-                        O: (self.hidden, self.heads * self.head_dim), GATE_UP: (2 * inter, self.hidden),
-                        DOWN: (self.hidden, inter)}
-            for which, m in parts.items():
-                if (m.rows, m.cols) != expected[which]:
-                    raise NetshrinkError(f"a {m.rows}x{m.cols} projection where the config implies "
-                                         f"{expected[which][0]}x{expected[which][1]}", where=p)
-                self._set(i, which, m)
+            self._add_block(i, block, p, inter, (o_grid.group_size, down_grid.group_size))
+            attn = block.self_attn
             norms = [block.input_layernorm, block.post_attention_layernorm,
                      getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
             for norm in filter(None, norms):
@@ -163,22 +162,67 @@ class NativeDecoder:
             self.lib.nsd_set_norms(handle, i, *[_ptr(self._vector(n.weight)) if n is not None else None
                                                 for n in norms])
         head = model.get_submodule(arch.lm_head)
-        self._set(0, HEAD, native_matrix(*_grid(head, arch.lm_head), arch.lm_head, t))
+        head_grid, head_bias = _grid(head, arch.lm_head)
+        self._unique_bytes += layout_nbytes(head_grid, head_bias)
+        self.head_matrix = native_matrix(head_grid, head_bias, arch.lm_head, t)
+        self._set(0, 0, HEAD, self.head_matrix)
+        self._pending.sort(key=lambda e: (e[2] == HEAD, e[0], e[1], e[2]))   # each thread's weights in one run
         self._arena = _huge_page_arena(self._pending) if huge_pages else None
-        for layer, which, m in self._pending:
-            self.lib.nsd_set_matrix(self._handle, layer, which, _ptr(m.codes), _ptr(m.scales), _ptr(m.zeros),
-                                    _ptr(m.bias), m.rows, m.cols, m.bits, m.groups, m.blocks_per_group)
+        for thread, layer, which, m in self._pending:
+            self.lib.nsd_set_matrix(self._handle, thread, layer, which, _ptr(m.codes), _ptr(m.scales),
+                                    _ptr(m.zeros), _ptr(m.bias), m.rows, m.cols, m.bits, m.groups,
+                                    m.blocks_per_group)
         del self._pending
+        self._token = torch.zeros(1, dtype=torch.int64)    # step()'s one-token buffer
+        self._token_ptr = self._token.data_ptr()
+        self._forward = self.lib.nsd_forward
         self.pos = 0
+
+    def _add_block(self, i: int, block: nn.Module, p: str, inter: int, planned_groups: tuple[int, int]) -> None:
+        """Check block i's grids and give each thread its shard of them (see `shards.plan_shards`)."""
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        attn, mlp = block.self_attn, block.mlp
+        qkv = _stacked([attn.q_proj, attn.k_proj, attn.v_proj], [f"{p}.self_attn.{n}_proj" for n in "qkv"])
+        o = _grid(attn.o_proj, f"{p}.self_attn.o_proj")
+        gate_up = _stacked([mlp.gate_proj, mlp.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
+        down = _grid(mlp.down_proj, f"{p}.mlp.down_proj")
+        expected = {"q/k/v": (qkv, ((H + 2 * KV) * D, self.hidden), None),
+                    "o_proj": (o, (self.hidden, H * D), planned_groups[0]),
+                    "gate/up": (gate_up, (2 * inter, self.hidden), None),
+                    "down_proj": (down, (self.hidden, inter), planned_groups[1])}
+        for name, ((qw, bias), shape, group) in expected.items():
+            if qw.shape != shape:
+                raise NetshrinkError(f"a {qw.shape[0]}x{qw.shape[1]} {name} where the config implies "
+                                     f"{shape[0]}x{shape[1]}", where=p)
+            if group is not None and qw.group_size != group:
+                raise NetshrinkError(f"{name} is quantized with group size {qw.group_size}, block 0's with {group}",
+                                     where=f"{p}.{name}", hint="the native decoder splits every block alike")
+            check_native(qw.shape[1], qw.bits, qw.group_size, f"{p} {name}")
+            self._unique_bytes += layout_nbytes(qw, bias)
+        for k, sh in enumerate(self.shards):
+            parts = {}
+            if sh.h1 > sh.h0:
+                rows = [(sh.h0 * D, sh.h1 * D), ((H + sh.j0) * D, (H + sh.j1) * D),
+                        ((H + KV + sh.j0) * D, (H + KV + sh.j1) * D)]
+                parts[QKV] = (grid_rows(qkv[0], rows), _bias_rows(qkv[1], rows), "self_attn.q/k/v")
+                parts[O] = (grid_columns(o[0], sh.h0 * D, sh.h1 * D), o[1] if sh.h0 == 0 else None, "self_attn.o_proj")
+            if sh.i1 > sh.i0:
+                rows = [(sh.i0, sh.i1), (inter + sh.i0, inter + sh.i1)]
+                parts[GATE_UP] = (grid_rows(gate_up[0], rows), _bias_rows(gate_up[1], rows), "mlp.gate/up")
+                parts[DOWN] = (grid_columns(down[0], sh.i0, sh.i1), down[1] if sh.i0 == 0 else None, "mlp.down_proj")
+            for which, (qw, bias, name) in parts.items():
+                self._set(k, i, which, native_matrix(qw, bias, f"{p}.{name} (thread {k}'s share)"))
 
     def _vector(self, t: torch.Tensor) -> torch.Tensor:
         v = t.detach().float().contiguous()
         self.keep.append(v)
         return v
 
-    def _set(self, layer: int, which: int, m: NativeMatrix) -> None:
+    def _set(self, thread: int, layer: int, which: int, m: NativeMatrix) -> None:
         self.matrices.append(m)
-        self._pending.append((layer, which, m))
+        self._pending.append((thread, layer, which, m))
+        if which != HEAD:
+            self.shard_matrices[thread][layer][which] = m
 
     def __del__(self):
         handle = getattr(self, "_handle", None)
@@ -188,11 +232,17 @@ class NativeDecoder:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes read per token: every packed matrix with its scales, plus one embedding row."""
+        """The model's bytes per token in this layout: every packed matrix once with its scales, plus one
+        embedding row. The floor; the threads read a little more (`bytes_read`), each its copy of a shared kv head."""
+        return self._unique_bytes + self.hidden * 4
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes the threads read per token together: every shard's matrices and the head, plus one embedding row."""
         return sum(m.nbytes for m in self.matrices) + self.hidden * 4
 
-    PHASES = ("norm + quantize", "q/k/v", "wait", "attention", "wait", "o_proj", "wait", "norm + gate/up", "wait",
-              "SiLU", "wait", "down", "wait", "head")
+    PHASES = ("norm + quantize", "q/k/v", "attention", "o_proj", "wait", "norm + gate/up", "SiLU", "down", "wait",
+              "head")
 
     def profile(self) -> torch.Tensor:
         """Time-stamp-counter ticks per thread and phase (`PHASES`) since the last call: where a token's time goes."""
@@ -223,9 +273,14 @@ class NativeDecoder:
         return logits
 
     def step(self, token: int) -> int:
-        """Append one token; the greedy next token (argmax taken natively: no logits tensor, no torch op)."""
-        ids = self._check(torch.tensor([token]), self.pos + 1)
-        best = self.lib.nsd_forward(self._handle, _ptr(ids), 1, self.pos, None)
+        """Append one token; the greedy next token (argmax taken natively: no logits tensor, no torch op, checks
+        in plain Python: at SmolLM2's 1.5 ms a token, tensor-based checks cost about 1%)."""
+        token = int(token)
+        check_length(self.pos + 1, self.max_len, self.window, "NativeDecoder")
+        if not 0 <= token < self.vocab:
+            raise NetshrinkError(f"token id {token} outside the vocabulary of {self.vocab}", where="NativeDecoder")
+        self._token[0] = token
+        best = self._forward(self._handle, self._token_ptr, 1, self.pos, None)
         self.pos += 1
         return best
 

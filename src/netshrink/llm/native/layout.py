@@ -134,6 +134,15 @@ def native_matrix(qw: QuantizedWeight, bias: torch.Tensor | None = None, where: 
     return NativeMatrix(codes, scales, zeros, bias, out_f, in_f, bits, groups, blocks_per_group, threads)
 
 
+def layout_nbytes(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> int:
+    """Bytes `native_matrix(qw, bias)` occupies (and a token reads), without building it."""
+    out_f, in_f = qw.shape
+    tiles = -(-out_f // TILE)
+    groups = 1 if qw.group_size >= in_f else qw.scales.shape[1]
+    bits = 8 if qw.bits == 8 else 4
+    return tiles * TILE * in_f * bits // 8 + tiles * groups * TILE * 5 + (0 if bias is None else out_f * 4)
+
+
 def native_matvec(m: NativeMatrix, x: torch.Tensor) -> torch.Tensor:
     """y = W x through the native kernel on the calling thread (float32 [in] -> float32 [out])."""
     from netshrink.llm.native.build import load_library
