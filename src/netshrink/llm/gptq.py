@@ -16,7 +16,7 @@ import torch
 from netshrink.errors import NetshrinkError
 from netshrink.llm.checks import check, check_grid, is_int, is_real
 from netshrink.llm.context import BlockContext
-from netshrink.llm.grid import assemble, round_slice, slice_qparams
+from netshrink.llm.grid import assemble, slice_qparams
 from netshrink.llm.packing import QuantizedWeight
 
 
@@ -141,16 +141,23 @@ def initial_grids(W: torch.Tensor, config: GPTQ) -> tuple[list, list]:
 
 
 def gptq_columns(W: torch.Tensor, upper, perm: torch.Tensor, pruned: torch.Tensor, scales: list, zeros: list,
-                 config: GPTQ, update_columns: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                 config: GPTQ, update_columns: int = 512, want_losses: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GPTQ's column loop on rows W [rows, cols] (columns in `perm` order; W is updated in place): codes (in
     `perm` order) and per-row losses. `upper(i1, i2, c0, c1)` gives U[i1:i2, c0:c1], a block of the upper Cholesky
     factor U of H^-1 (the lazy update past each block of columns asks for it `update_columns` at a time, so a packed
     U is never unpacked more than that). Rows are independent given U, so a weight may go through in row slabs with
-    the same U (`scales`, `zeros`: per-group row parameters of these rows; None = computed here)."""
+    the same U (`scales`, `zeros`: per-group row parameters of these rows; None = computed here). The loop is a
+    few small torch ops per column, so per-column Python work is kept out of it (`want_losses=False` skips the
+    losses: the streamed path, which runs the loop once per slab of rows, does not use them)."""
     rows, cols = W.shape
     bits, sym, gs = config.bits, config.symmetric, config.group_size
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
-    losses = torch.zeros(rows)
+    losses = torch.zeros(rows) if want_losses else None
+    group_of = [int(c) // gs for c in perm.tolist()] if gs else [0] * cols
+    has_pruned = pruned.any(0).tolist()
+    qmax = (1 << bits) - 1
+    grid = None
     for i1 in range(0, cols, config.block_size):
         i2 = min(i1 + config.block_size, cols)
         Hinv1 = upper(i1, i2, i1, i2)
@@ -158,19 +165,25 @@ def gptq_columns(W: torch.Tensor, upper, perm: torch.Tensor, pruned: torch.Tenso
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
-            g = int(perm[col]) // gs if gs else 0
+            g = group_of[col]
             if gs and not config.static_groups and col % gs == 0:
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
                 scales[g], zeros[g] = slice_qparams(ahead, bits, sym)
+                grid = None
+            if grid is None or grid[0] != g:                # round_slice's arithmetic, its parameters cast once
+                grid = (g, scales[g].reshape(-1).float(), zeros[g].reshape(-1).float())
+            _, s, z = grid
             w, d = W1[:, i], Hinv1[i, i]
-            q, wq = round_slice(w, scales[g], zeros[g], bits, sym)
-            keep_zero = pruned[:, col]
-            if keep_zero.any():
-                q = torch.where(keep_zero, zeros[g].reshape(-1).to(q.dtype), q)
+            q = torch.round(w / s).add_(z).clamp_(0, qmax)
+            wq = (q - z).mul_(s)
+            if has_pruned[col]:
+                keep_zero = pruned[:, col]
+                q = torch.where(keep_zero, z, q)
                 wq = torch.where(keep_zero, torch.zeros_like(wq), wq)
-            codes[:, col] = q
-            losses += (w - wq) ** 2 / d ** 2 / 2
+            codes[:, col] = q                               # whole numbers in [0, qmax]: exact as uint8
             err = (w - wq) / d
+            if want_losses:
+                losses += err * err / 2
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         for c0 in range(i2, cols, update_columns):

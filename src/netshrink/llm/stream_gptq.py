@@ -135,7 +135,7 @@ def quantize_from_disk(ckpt: ShardedCheckpoint, key: str, H: PackedHessian | Den
         W[:, dead] = 0
         scales, zeros = initial_grids(W, config)
         W, pruned = W[:, perm], pruned[:, perm]
-        codes, _ = gptq_columns(W, H.upper_rows, perm, pruned, scales, zeros, config)
+        codes, _ = gptq_columns(W, H.upper_rows, perm, pruned, scales, zeros, config, want_losses=False)
         rows = assemble(codes[:, invperm], scales, zeros, bits, gs)
         layer.qweight[a:b] = pack_codes(rows.codes, bits)
         layer.scales[a:b] = rows.scales
