@@ -17,7 +17,7 @@ def load_library() -> ctypes.CDLL:
     lib = build(SOURCE, where="native decoder", fallback="netshrink.llm.decode.LeanDecoder")
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.nsd_create.restype = p
-    lib.nsd_create.argtypes = [i, i, i, i, i, i, i, i, i, f, f, p, p, p, p]
+    lib.nsd_create.argtypes = [i, i, i, i, i, i, i, i, f, f, p, p, p, p]
     lib.nsd_set_matrix.restype = None
     lib.nsd_set_shard.restype = None
     lib.nsd_set_shard.argtypes = [p, i, i, i, i, i, i, i]

@@ -256,7 +256,7 @@ struct Shard {
 };
 
 struct Decoder {
-  int layers, hidden, heads, kv_heads, head_dim, inter, vocab, max_len;
+  int layers, hidden, heads, kv_heads, head_dim, vocab, max_len;
   float eps, scaling;
   const float *embed, *cos, *sin, *final_norm;
   std::vector<Norms> norms;
@@ -278,8 +278,8 @@ struct Decoder {
     clock = now;
   }
 
-  Decoder(int L, int hid, int H, int KV, int D, int I, int V, int T, int threads, float e, float sc)
-      : layers(L), hidden(hid), heads(H), kv_heads(KV), head_dim(D), inter(I), vocab(V), max_len(T), eps(e),
+  Decoder(int L, int hid, int H, int KV, int D, int V, int T, int threads, float e, float sc)
+      : layers(L), hidden(hid), heads(H), kv_heads(KV), head_dim(D), vocab(V), max_len(T), eps(e),
         scaling(sc), norms(L), shards(threads), pool(threads) {
     logits.assign(V, 0.f);
     part_stride = ((size_t)hid + 15) / 16 * 16;                       // each thread's part on its own cache lines
@@ -471,10 +471,10 @@ Matrix make_matrix(const uint8_t* codes, const float* scales, const uint8_t* zer
 
 extern "C" {
 
-void* nsd_create(int layers, int hidden, int heads, int kv_heads, int head_dim, int inter, int vocab, int max_len,
+void* nsd_create(int layers, int hidden, int heads, int kv_heads, int head_dim, int vocab, int max_len,
                  int threads, float eps, float scaling, const float* embed, const float* cos, const float* sin,
                  const float* final_norm) {
-  auto* d = new Decoder(layers, hidden, heads, kv_heads, head_dim, inter, vocab, max_len, threads, eps, scaling);
+  auto* d = new Decoder(layers, hidden, heads, kv_heads, head_dim, vocab, max_len, threads, eps, scaling);
   d->embed = embed, d->cos = cos, d->sin = sin, d->final_norm = final_norm;
   return d;
 }

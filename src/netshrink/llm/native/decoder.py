@@ -131,7 +131,6 @@ class NativeDecoder:
         self.eps = float(final_norm.variance_epsilon)
         self.keep: list[torch.Tensor] = [self.embed, self.cos, self.sin]
         self.final_norm = self._vector(final_norm.weight)
-        self.matrices: list[NativeMatrix] = []
         self._pending: list[tuple[int, int, int, NativeMatrix]] = []
         first = blocks[0].self_attn
         scaling = float(first.scaling)
@@ -140,7 +139,7 @@ class NativeDecoder:
         down_grid = _grid(blocks[0].mlp.down_proj, f"{arch.layers}.0.mlp.down_proj")[0]
         inter = down_grid.shape[1]
         self.shards = plan_shards(H, KV, D, inter, o_grid.group_size, down_grid.group_size, t)
-        handle = self.lib.nsd_create(len(blocks), self.hidden, H, KV, D, inter, self.vocab, max_len, t,
+        handle = self.lib.nsd_create(len(blocks), self.hidden, H, KV, D, self.vocab, max_len, t,
                                      self.eps, scaling, _ptr(self.embed), _ptr(self.cos), _ptr(self.sin),
                                      _ptr(self.final_norm))
         self._handle = handle
@@ -219,7 +218,6 @@ class NativeDecoder:
         return v
 
     def _set(self, thread: int, layer: int, which: int, m: NativeMatrix) -> None:
-        self.matrices.append(m)
         self._pending.append((thread, layer, which, m))
         if which != HEAD:
             self.shard_matrices[thread][layer][which] = m
@@ -235,6 +233,11 @@ class NativeDecoder:
         """The model's bytes per token in this layout: every packed matrix once with its scales, plus one
         embedding row. The floor; the threads read a little more (`bytes_read`), each its copy of a shared kv head."""
         return self._unique_bytes + self.hidden * 4
+
+    @property
+    def matrices(self) -> list[NativeMatrix]:
+        """Every matrix the kernel reads: each thread's shards, then the head."""
+        return [m for shard in self.shard_matrices for layer in shard for m in layer.values()] + [self.head_matrix]
 
     @property
     def bytes_read(self) -> int:
